@@ -1,0 +1,62 @@
+// Argument validation shared by the CPU and CUDA backends.
+//
+// Every failed check raises RuntimeError naming the argument and the expected vs
+// actual value, before anything is written. validate_* run host-side checks of
+// shapes, dtypes, devices and strides (cheap, no data reads). check_*_ranges read the
+// index tensors, so they need them on the CPU: the CPU kernels always run them, the
+// CUDA glue only in debug mode (PAGEDKV_DEBUG=1), on host copies.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <cstdint>
+
+namespace pagedkv {
+
+bool is_fp8(at::ScalarType t);
+bool debug_checks_enabled();  // PAGEDKV_DEBUG=1
+
+struct CacheDims {
+  int64_t num_blocks, block_size, num_kv_heads, head_size;
+};
+
+struct WriteDims {
+  CacheDims cache;
+  int64_t num_tokens;
+};
+
+struct AttentionDims {
+  CacheDims cache;
+  int64_t num_q_tokens, num_heads, num_seqs, max_blocks_per_seq;
+};
+
+WriteDims validate_reshape_and_cache(const at::Tensor& key, const at::Tensor& value,
+                                     const at::Tensor& key_cache, const at::Tensor& value_cache,
+                                     const at::Tensor& slot_mapping,
+                                     const std::optional<at::Tensor>& k_scale,
+                                     const std::optional<at::Tensor>& v_scale);
+
+AttentionDims validate_paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
+                                       const at::Tensor& value_cache, const at::Tensor& block_table,
+                                       const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
+                                       const std::optional<at::Tensor>& alibi_slopes,
+                                       const std::optional<at::Tensor>& k_scale,
+                                       const std::optional<at::Tensor>& v_scale);
+
+// Returns the number of (src, dst) pairs.
+int64_t validate_copy_blocks(at::TensorList key_caches, at::TensorList value_caches,
+                             const at::Tensor& block_mapping);
+int64_t validate_swap_blocks(const at::Tensor& src, const at::Tensor& dst,
+                             const at::Tensor& block_mapping);
+
+// Index-range checks over CPU tensors (see above).
+void check_slot_ranges(const at::Tensor& slot_mapping, int64_t num_slots);
+void check_attention_ranges(const at::Tensor& block_table, const at::Tensor& seq_lens,
+                            const at::Tensor& query_start_loc, const AttentionDims& dims);
+// Every src < src_blocks, every dst < dst_blocks, no negative entry; with distinct_dst
+// (copy_blocks' contract) no destination twice.
+void check_block_mapping_ranges(const char* op, const at::Tensor& block_mapping,
+                                int64_t src_blocks, int64_t dst_blocks, bool distinct_dst);
+
+}  // namespace pagedkv

@@ -1,0 +1,122 @@
+// paged_attention, CPU backend: validate everything, plan work items, run the kernel.
+#include "checks.h"
+#include "cpu/attention_cpu.h"
+#include "cpu/ops_cpu.h"
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <cstdlib>
+
+namespace pagedkv::cpu {
+namespace {
+
+// Query vectors (rows x GQA heads) per work item: enough to reuse each K/V row
+// from cache across many dot products, small enough for L1/L2-resident scratch.
+constexpr int kVectorsPerItem = 32;
+
+std::vector<WorkItem> plan_items(const int32_t* qsl, const int32_t* seq_lens, int64_t num_seqs,
+                                 int num_kv_heads, int group, int64_t sliding_window) {
+  const int tile_rows = std::max(1, kVectorsPerItem / group);
+  std::vector<std::pair<int64_t, WorkItem>> costed;
+  for (int64_t i = 0; i < num_seqs; ++i) {
+    const int32_t q_len = qsl[i + 1] - qsl[i];
+    const int64_t base = int64_t(seq_lens[i]) - q_len;
+    for (int32_t r = 0; r < q_len; r += tile_rows) {
+      const int32_t r_end = std::min(q_len, r + tile_rows);
+      const int64_t last = base + r_end - 1;
+      const int64_t first_key = sliding_window > 0 ? std::max<int64_t>(0, base + r - sliding_window + 1) : 0;
+      const int64_t cost = int64_t(r_end - r) * (last - first_key + 1);
+      for (int h = 0; h < num_kv_heads; ++h)
+        costed.push_back({cost, WorkItem{int32_t(i), h, r, r_end}});
+    }
+  }
+  // Longest first: threads pulling from a shared counter then finish together.
+  std::stable_sort(costed.begin(), costed.end(),
+                   [](const auto& x, const auto& y) { return x.first > y.first; });
+  std::vector<WorkItem> items;
+  items.reserve(costed.size());
+  for (auto& c : costed) items.push_back(c.second);
+  return items;
+}
+
+QueryKind query_kind(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return QueryKind::kHalf;
+    case at::kBFloat16: return QueryKind::kBFloat16;
+    default: return QueryKind::kFloat;
+  }
+}
+
+bool generic_kernels_forced() {
+  // Read per call so a benchmark can compare specialized and generic kernels in one process.
+  const char* v = std::getenv("PAGEDKV_GENERIC_KERNELS");
+  return v != nullptr && v[0] == '1';
+}
+
+}  // namespace
+
+at::Tensor paged_attention(const at::Tensor& query_in, const at::Tensor& key_cache,
+                           const at::Tensor& value_cache, const at::Tensor& block_table,
+                           const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
+                           double scale, const std::optional<at::Tensor>& alibi_slopes,
+                           int64_t sliding_window, double softcap,
+                           const std::optional<at::Tensor>& k_scale,
+                           const std::optional<at::Tensor>& v_scale) {
+  const AttentionDims d = validate_paged_attention(query_in, key_cache, value_cache, block_table,
+                                                   seq_lens, query_start_loc, alibi_slopes,
+                                                   k_scale, v_scale);
+  check_attention_ranges(block_table, seq_lens, query_start_loc, d);
+  const at::Tensor query = query_in.stride(2) == 1 ? query_in : query_in.contiguous();
+  at::Tensor out = at::empty({d.num_q_tokens, d.num_heads, d.cache.head_size}, query.options());
+  if (d.num_q_tokens == 0) return out;
+
+  const at::Tensor bt = block_table.stride(1) == 1 ? block_table : block_table.contiguous();
+  const at::Tensor sl = seq_lens.contiguous(), qsl = query_start_loc.contiguous();
+  const at::Tensor alibi = alibi_slopes.has_value() ? alibi_slopes->contiguous() : at::Tensor();
+  const bool fp8 = is_fp8(key_cache.scalar_type());
+
+  AttnArgsRaw a;
+  a.query = query.data_ptr();
+  a.q_stride_tok = query.stride(0);
+  a.q_stride_head = query.stride(1);
+  a.out = out.data_ptr();
+  a.key_cache = key_cache.data_ptr();
+  a.value_cache = value_cache.data_ptr();
+  a.cache_stride_tok = d.cache.num_kv_heads * d.cache.head_size;
+  a.block_table = bt.data_ptr<int32_t>();
+  a.block_table_stride = bt.stride(0);
+  a.seq_lens = sl.data_ptr<int32_t>();
+  a.query_start_loc = qsl.data_ptr<int32_t>();
+  a.alibi_slopes = alibi.defined() ? alibi.data_ptr<float>() : nullptr;
+  a.scale = float(scale);
+  a.softcap = softcap > 0 ? float(softcap) : 0.f;
+  a.k_scale = fp8 && k_scale.has_value() ? k_scale->item<float>() : 1.f;
+  a.v_scale = fp8 && v_scale.has_value() ? v_scale->item<float>() : 1.f;
+  a.sliding_window = sliding_window > 0 ? sliding_window : -1;
+  a.num_heads = int(d.num_heads);
+  a.num_kv_heads = int(d.cache.num_kv_heads);
+  a.head_size = int(d.cache.head_size);
+  a.block_size = int(d.cache.block_size);
+
+  const std::vector<WorkItem> items =
+      plan_items(a.query_start_loc, a.seq_lens, d.num_seqs, a.num_kv_heads,
+                 a.num_heads / a.num_kv_heads, a.sliding_window);
+  if (fp8) {
+    const CacheKind c = key_cache.scalar_type() == at::ScalarType::Float8_e4m3fn
+                            ? CacheKind::kFp8E4m3
+                            : CacheKind::kFp8E5m2;
+    attention_fp8(a, items, query_kind(query.scalar_type()), c);
+    return out;
+  }
+  const bool generic = generic_kernels_forced();
+  switch (query.scalar_type()) {
+    case at::kHalf: attention_half(a, items, generic); break;
+    case at::kBFloat16: attention_bfloat16(a, items, generic); break;
+    default: attention_float(a, items, generic); break;
+  }
+  return out;
+}
+
+}  // namespace pagedkv::cpu

@@ -1,0 +1,199 @@
+// CPU paged attention: one online-softmax pass over each sequence's cache blocks
+// (flash-decoding style), float32 accumulation, K/V read in place from the paged cache.
+//
+// A work item is (sequence, kv head, a tile of that sequence's query rows). All query
+// heads of the kv head's GQA group and all rows of the tile are processed together,
+// so each K/V row is read from memory once per item. Items are pulled from a shared
+// counter by the threads (longest first), which keeps 2 cores busy for decode batches
+// and for a single long prefill alike.
+#pragma once
+
+#include "cpu/attention_cpu.h"
+#include "cpu/vec8.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <vector>
+
+namespace pagedkv::cpu {
+
+// Scores of NQ query vectors (q, row stride ld) against n cache rows (k, row stride
+// k_stride): s[v * s_ld + j] = q_v . k_j.
+template <int NQ, int HEAD, typename cache_t>
+inline void qk_scores(const float* q, int64_t ld, const cache_t* k, int64_t k_stride, int n,
+                      int64_t head_size, const Loader<cache_t>& load, float* s, int64_t s_ld) {
+  const int64_t D = HEAD ? HEAD : head_size;
+  for (int j = 0; j < n; ++j) {
+    const cache_t* kr = k + j * k_stride;
+    Vec acc[NQ];
+    for (int v = 0; v < NQ; ++v) acc[v] = Vec(0.f);
+    for (int64_t d = 0; d < D; d += kVec) {
+      const Vec kv = load(kr + d);
+      for (int v = 0; v < NQ; ++v) acc[v] = at::vec::fmadd(Vec::loadu(q + v * ld + d), kv, acc[v]);
+    }
+    for (int v = 0; v < NQ; ++v) s[v * s_ld + j] = hsum(acc[v]);
+  }
+}
+
+// acc_v += sum_j p[v * p_ld + j] * v_j for NQ vectors over n cache rows.
+template <int NQ, int HEAD, typename cache_t>
+inline void pv_accumulate(float* acc, int64_t ld, const float* p, int64_t p_ld, const cache_t* vrow,
+                          int64_t v_stride, int n, int64_t head_size, const Loader<cache_t>& load) {
+  const int64_t D = HEAD ? HEAD : head_size;
+  for (int64_t d = 0; d < D; d += kVec) {
+    Vec a[NQ];
+    for (int v = 0; v < NQ; ++v) a[v] = Vec::loadu(acc + v * ld + d);
+    for (int j = 0; j < n; ++j) {
+      const Vec vv = load(vrow + j * v_stride + d);
+      for (int v = 0; v < NQ; ++v) a[v] = at::vec::fmadd(Vec(p[v * p_ld + j]), vv, a[v]);
+    }
+    for (int v = 0; v < NQ; ++v) a[v].store(acc + v * ld + d);
+  }
+}
+
+// Runs f(Int<NQ>) on groups of at most 4 query vectors (a register tile).
+template <typename F>
+inline void for_vector_groups(int nv, F&& f) {
+  int v = 0;
+  for (; v + 4 <= nv; v += 4) f(v, std::integral_constant<int, 4>{});
+  switch (nv - v) {
+    case 3: f(v, std::integral_constant<int, 3>{}); break;
+    case 2: f(v, std::integral_constant<int, 2>{}); break;
+    case 1: f(v, std::integral_constant<int, 1>{}); break;
+    default: break;
+  }
+}
+
+template <typename q_t, typename cache_t, int HEAD, int BLOCK>
+void attention_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it, std::vector<float>& scratch) {
+  const int64_t D = HEAD ? HEAD : a.head_size;
+  const int64_t BS = BLOCK ? BLOCK : a.block_size;
+  const int64_t SP = (BS + kVec - 1) / kVec * kVec;  // padded score row
+  const int G = a.num_heads / a.num_kv_heads;
+  const int nrows = it.row_end - it.row_begin;
+  const int NV = nrows * G;
+  const int64_t q0 = a.query_start_loc[it.seq];
+  const int64_t q_len = a.query_start_loc[it.seq + 1] - q0;
+  const int64_t base_pos = a.seq_lens[it.seq] - q_len;  // position of query row 0
+  const float k_scale = a.k_scale, v_scale = a.v_scale;
+
+  scratch.resize(size_t(NV) * (2 * D + SP + 2));
+  float* qf = scratch.data();           // [NV][D] query * scale * k_scale
+  float* acc = qf + NV * D;             // [NV][D]
+  float* s = acc + NV * D;              // [NV][SP] scores, then probabilities
+  float* m = s + NV * SP;               // running max
+  float* l = m + NV;                    // running sum
+  auto pos = [&](int v) { return base_pos + it.row_begin + v / G; };  // vector v's position
+
+  const float qmul = a.scale * k_scale;
+  for (int v = 0; v < NV; ++v) {
+    const int row = it.row_begin + v / G;
+    const int head = it.kv_head * G + v % G;
+    const q_t* qr = a.query + (q0 + row) * a.q_stride_tok + head * a.q_stride_head;
+    for (int64_t d = 0; d < D; ++d) qf[v * D + d] = static_cast<float>(qr[d]) * qmul;
+    std::fill(acc + v * D, acc + (v + 1) * D, 0.f);
+    m[v] = -std::numeric_limits<float>::infinity();
+    l[v] = 0.f;
+  }
+
+  const int64_t W = a.sliding_window;
+  const int64_t p_first = base_pos + it.row_begin;
+  const int64_t p_last = base_pos + it.row_end - 1;
+  const int64_t k_lo = W > 0 ? std::max<int64_t>(0, p_first - W + 1) : 0;
+  const int32_t* table = a.block_table + it.seq * a.block_table_stride;
+  const Loader<cache_t> load;
+  const Vec neg_inf(-std::numeric_limits<float>::infinity());
+
+  for (int64_t b = k_lo / BS; b <= p_last / BS; ++b) {
+    const int64_t t0 = std::max(b * BS, k_lo);
+    const int64_t t1 = std::min((b + 1) * BS, p_last + 1);
+    const int n = int(t1 - t0);
+    const int64_t off = (int64_t(table[b]) * BS + (t0 - b * BS)) * a.cache_stride_tok +
+                        int64_t(it.kv_head) * D;
+    const cache_t* kb = a.key_cache + off;
+    const cache_t* vb = a.value_cache + off;
+
+    for_vector_groups(NV, [&](int v0, auto nq) {
+      qk_scores<decltype(nq)::value, HEAD>(qf + v0 * D, D, kb, a.cache_stride_tok, n, D, load,
+                                           s + v0 * SP, SP);
+    });
+
+    for (int v = 0; v < NV; ++v) {
+      float* sv = s + v * SP;
+      const int64_t p = pos(v);
+      if (a.softcap > 0.f) {
+        for (int j = 0; j < n; ++j) sv[j] = a.softcap * std::tanh(sv[j] / a.softcap);
+      }
+      if (a.alibi_slopes != nullptr) {
+        const float slope = a.alibi_slopes[it.kv_head * G + v % G];
+        for (int j = 0; j < n; ++j) sv[j] += slope * float(t0 + j - p);
+      }
+      // Causal and window mask; whole-block fast path when every key is visible.
+      if (t1 - 1 > p || (W > 0 && t0 <= p - W)) {
+        for (int j = 0; j < n; ++j) {
+          const int64_t k = t0 + j;
+          if (k > p || (W > 0 && k <= p - W)) sv[j] = -std::numeric_limits<float>::infinity();
+        }
+      }
+      for (int j = n; j < SP; ++j) sv[j] = -std::numeric_limits<float>::infinity();
+
+      Vec vmax = neg_inf;
+      for (int64_t j = 0; j < SP; j += kVec) vmax = at::vec::maximum(vmax, Vec::loadu(sv + j));
+      float bmax = -std::numeric_limits<float>::infinity();
+      {
+        float t[kVec];
+        vmax.store(t);
+        for (int i = 0; i < kVec; ++i) bmax = std::max(bmax, t[i]);
+      }
+      if (bmax == -std::numeric_limits<float>::infinity()) {
+        std::fill(sv, sv + SP, 0.f);  // nothing visible in this block for this row
+        continue;
+      }
+      const float m_new = std::max(m[v], bmax);
+      const float alpha = std::exp(m[v] - m_new);  // 0 on the first visible block
+      const Vec mv(m_new);
+      Vec sum(0.f);
+      for (int64_t j = 0; j < SP; j += kVec) {
+        const Vec x = Vec::loadu(sv + j);
+        const Vec e = Vec::blendv((x - mv).exp_u20(), Vec(0.f), x == neg_inf);
+        e.store(sv + j);
+        sum = sum + e;
+      }
+      l[v] = l[v] * alpha + hsum(sum);
+      m[v] = m_new;
+      if (alpha != 1.f) {
+        const Vec av(alpha);
+        for (int64_t d = 0; d < D; d += kVec) (Vec::loadu(acc + v * D + d) * av).store(acc + v * D + d);
+      }
+    }
+
+    for_vector_groups(NV, [&](int v0, auto nq) {
+      pv_accumulate<decltype(nq)::value, HEAD>(acc + v0 * D, D, s + v0 * SP, SP, vb,
+                                               a.cache_stride_tok, n, D, load);
+    });
+  }
+
+  for (int v = 0; v < NV; ++v) {
+    const int row = it.row_begin + v / G;
+    const int head = it.kv_head * G + v % G;
+    q_t* o = a.out + ((q0 + row) * a.num_heads + head) * D;
+    const float inv = v_scale / l[v];
+    for (int64_t d = 0; d < D; ++d) o[d] = static_cast<q_t>(acc[v * D + d] * inv);
+  }
+}
+
+template <typename q_t, typename cache_t, int HEAD, int BLOCK>
+void attention_cpu(const TypedArgs<q_t, cache_t>& a, const std::vector<WorkItem>& items) {
+  std::atomic<int64_t> next{0};
+  const int64_t n = int64_t(items.size());
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    std::vector<float> scratch;
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1))
+      attention_item<q_t, cache_t, HEAD, BLOCK>(a, items[i], scratch);
+  });
+}
+
+}  // namespace pagedkv::cpu

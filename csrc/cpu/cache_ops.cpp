@@ -1,0 +1,115 @@
+// reshape_and_cache, copy_blocks and swap_blocks, CPU backend.
+// Every check (index ranges included) runs before the first write.
+#include "checks.h"
+#include "cpu/ops_cpu.h"
+#include "cpu/vec8.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+
+#include <cstring>
+
+namespace pagedkv::cpu {
+namespace {
+
+void check_on_cpu(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be on cpu for the CPU kernel, got ",
+              t.device());
+}
+
+template <typename in_t, typename fp8_t>
+void write_fp8_rows(const at::Tensor& src, at::Tensor& cache, const int64_t* slots, float scale) {
+  const int64_t n = src.size(0), row = src.size(1) * src.size(2), stride = src.stride(0);
+  const in_t* s = src.data_ptr<in_t>();
+  fp8_t* c = reinterpret_cast<fp8_t*>(cache.data_ptr());
+  at::parallel_for(0, n, 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      if (slots[i] < 0) continue;
+      const in_t* x = s + i * stride;
+      fp8_t* y = c + slots[i] * row;
+      for (int64_t j = 0; j < row; ++j) y[j] = quantize_fp8<fp8_t>(static_cast<float>(x[j]), scale);
+    }
+  });
+}
+
+void write_rows(const at::Tensor& src, at::Tensor& cache, const int64_t* slots,
+                const std::optional<at::Tensor>& scale_t) {
+  const int64_t n = src.size(0), row = src.size(1) * src.size(2), stride = src.stride(0);
+  if (!is_fp8(cache.scalar_type())) {
+    const int64_t bytes = row * src.element_size();
+    const char* s = static_cast<const char*>(src.data_ptr());
+    char* c = static_cast<char*>(cache.data_ptr());
+    const int64_t stride_bytes = stride * src.element_size();
+    at::parallel_for(0, n, 64, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i)
+        if (slots[i] >= 0) std::memcpy(c + slots[i] * bytes, s + i * stride_bytes, bytes);
+    });
+    return;
+  }
+  const float scale = scale_t.has_value() ? scale_t->item<float>() : 1.f;
+  const bool e4m3 = cache.scalar_type() == at::ScalarType::Float8_e4m3fn;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "write_fp8", [&] {
+    if (e4m3) write_fp8_rows<scalar_t, c10::Float8_e4m3fn>(src, cache, slots, scale);
+    else write_fp8_rows<scalar_t, c10::Float8_e5m2>(src, cache, slots, scale);
+  });
+}
+
+// Copies (src, dst) block pairs from one contiguous cache to another.
+void copy_block_pairs(const at::Tensor& from, at::Tensor& to, const int64_t* pairs, int64_t n) {
+  const int64_t bytes = from.numel() / std::max<int64_t>(from.size(0), 1) * from.element_size();
+  const char* s = static_cast<const char*>(from.data_ptr());
+  char* d = static_cast<char*>(to.data_ptr());
+  at::parallel_for(0, n, 8, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i)
+      std::memcpy(d + pairs[2 * i + 1] * bytes, s + pairs[2 * i] * bytes, bytes);
+  });
+}
+
+}  // namespace
+
+void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
+                       at::Tensor& value_cache, const at::Tensor& slot_mapping,
+                       const std::optional<at::Tensor>& k_scale,
+                       const std::optional<at::Tensor>& v_scale) {
+  const WriteDims d = validate_reshape_and_cache(key, value, key_cache, value_cache, slot_mapping,
+                                                 k_scale, v_scale);
+  check_slot_ranges(slot_mapping, d.cache.num_blocks * d.cache.block_size);
+  const at::Tensor slots = slot_mapping.contiguous();
+  const int64_t* s = slots.data_ptr<int64_t>();
+  write_rows(key, key_cache, s, k_scale);
+  write_rows(value, value_cache, s, v_scale);
+}
+
+void copy_blocks(at::TensorList key_caches, at::TensorList value_caches,
+                 const at::Tensor& block_mapping) {
+  const char* op = "copy_blocks";
+  const int64_t n = validate_copy_blocks(key_caches, value_caches, block_mapping);
+  check_on_cpu(op, "block_mapping", block_mapping);
+  for (size_t l = 0; l < key_caches.size(); ++l) {
+    check_on_cpu(op, "key_caches", key_caches[l]);
+    check_block_mapping_ranges(op, block_mapping, key_caches[l].size(0), key_caches[l].size(0),
+                               /*distinct_dst=*/true);
+  }
+  if (n == 0) return;
+  const at::Tensor m = block_mapping.contiguous();
+  for (size_t l = 0; l < key_caches.size(); ++l) {
+    at::Tensor k = key_caches[l], v = value_caches[l];
+    copy_block_pairs(k, k, m.data_ptr<int64_t>(), n);
+    copy_block_pairs(v, v, m.data_ptr<int64_t>(), n);
+  }
+}
+
+void swap_blocks(const at::Tensor& src, at::Tensor& dst, const at::Tensor& block_mapping) {
+  const char* op = "swap_blocks";
+  const int64_t n = validate_swap_blocks(src, dst, block_mapping);
+  check_on_cpu(op, "src", src);
+  check_on_cpu(op, "dst", dst);
+  check_on_cpu(op, "block_mapping", block_mapping);
+  check_block_mapping_ranges(op, block_mapping, src.size(0), dst.size(0), /*distinct_dst=*/false);
+  if (n == 0) return;
+  const at::Tensor m = block_mapping.contiguous();
+  copy_block_pairs(src, dst, m.data_ptr<int64_t>(), n);
+}
+
+}  // namespace pagedkv::cpu

@@ -1,0 +1,71 @@
+"""Builds torch_pagedkv._C: TORCH_LIBRARY registrations only (no pybind), py_limited_api.
+
+PAGEDKV_CUDA=0|1|auto (default auto): build the CUDA kernels when torch is a CUDA
+build and nvcc is found. PAGEDKV_CPU_ISA=avx2|native|generic (default avx2) picks the
+ISA the CPU kernels are compiled for (they use 8-float at::vec vectors; native lets the
+compiler use AVX-512 elsewhere); torch_pagedkv checks at load time that the CPU has it.
+"""
+import glob
+import os
+
+from setuptools import setup
+
+import torch
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+CPU_ISA_FLAGS = {
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"],
+    "native": ["-march=native", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"],
+    "generic": ["-DCPU_CAPABILITY=DEFAULT"],
+}
+
+
+def want_cuda() -> bool:
+    mode = os.environ.get("PAGEDKV_CUDA", "auto").lower()
+    if mode in ("0", "false", "no"):
+        return False
+    available = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if mode in ("1", "true", "yes") and not available:
+        raise RuntimeError(
+            "PAGEDKV_CUDA=1 but torch is not a CUDA build or nvcc was not found "
+            f"(torch.version.cuda={torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME})")
+    return available
+
+
+def sources(pattern: str) -> list[str]:
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def extension():
+    isa = os.environ.get("PAGEDKV_CPU_ISA", "avx2").lower()
+    if isa not in CPU_ISA_FLAGS:
+        raise RuntimeError(f"PAGEDKV_CPU_ISA must be one of {sorted(CPU_ISA_FLAGS)}, got {isa!r}")
+    # Read at import time to refuse loading an AVX2 build on a CPU without AVX2.
+    with open(os.path.join(ROOT, "torch_pagedkv", "_C.isa"), "w") as f:
+        f.write(isa + "\n")
+    cxx = ["-O3", "-g0", "-fopenmp", "-Wno-unknown-pragmas", f'-DPAGEDKV_CPU_ISA="{isa}"'] + CPU_ISA_FLAGS[isa]
+    common = dict(
+        name="torch_pagedkv._C",
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_link_args=["-fopenmp"],
+        py_limited_api=True,
+    )
+    srcs = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
+    if not want_cuda():
+        return cpp_extension.CppExtension(sources=srcs, extra_compile_args={"cxx": cxx}, **common)
+    srcs += sources("csrc/cuda/*.cpp") + sources("csrc/cuda/*.cu")
+    nvcc = ["-O3", "-g0", "--expt-relaxed-constexpr", "-lineinfo",
+            "-DPAGEDKV_CUDA_BUILD"]
+    return cpp_extension.CUDAExtension(
+        sources=srcs,
+        extra_compile_args={"cxx": cxx + ["-DPAGEDKV_CUDA_BUILD"], "nvcc": nvcc},
+        **common)
+
+
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+)

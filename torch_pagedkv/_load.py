@@ -1,0 +1,52 @@
+"""Loads the compiled op library (torch_pagedkv/_C*.so) with torch.ops.load_library."""
+from __future__ import annotations
+
+import glob
+import os
+import platform
+
+import torch
+
+_REQUIRED_CPU_FLAGS = {"avx2": ("avx2", "fma", "f16c")}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _check_cpu(isa: str) -> None:
+    """A library built for AVX2 crashes on a CPU without it: refuse to load instead."""
+    need = _REQUIRED_CPU_FLAGS.get(isa)
+    if not need or platform.machine() not in ("x86_64", "AMD64"):
+        return
+    flags = _cpu_flags()
+    missing = [f for f in need if flags and f not in flags]
+    if missing:
+        raise RuntimeError(
+            f"torch_pagedkv was built for {isa} but this CPU lacks {missing}; rebuild with "
+            "PAGEDKV_CPU_ISA=generic (or native)")
+
+
+def load() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    found = sorted(glob.glob(os.path.join(here, "_C*.so")) + glob.glob(os.path.join(here, "_C*.pyd")))
+    if not found:
+        raise ImportError(
+            "torch_pagedkv._C is not built: run `make build` (or "
+            "`pip install --no-build-isolation .`) in the checkout")
+    path = found[0]
+    isa_file = os.path.join(here, "_C.isa")
+    _check_cpu(open(isa_file).read().strip() if os.path.exists(isa_file) else "avx2")
+    torch.ops.load_library(path)
+    return path
+
+
+LIBRARY_PATH = load()
+HAS_CUDA_KERNELS = torch._C._dispatch_has_kernel_for_dispatch_key("pagedkv::paged_attention", "CUDA")

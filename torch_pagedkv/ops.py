@@ -1,0 +1,79 @@
+"""Typed wrappers over torch.ops.pagedkv.*, each with its fake (meta) implementation
+beside it, so torch.compile traces the ops without running them.
+The contract (layout, semantics, errors) is DESIGN.md section 2.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import _load  # noqa: F401  (registers torch.ops.pagedkv)
+
+_ops = torch.ops.pagedkv
+
+
+def reshape_and_cache(key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor,
+                      slot_mapping: Tensor, k_scale: Optional[Tensor] = None,
+                      v_scale: Optional[Tensor] = None) -> None:
+    """Writes key/value [num_tokens, num_kv_heads, head_size] into the paged caches at
+    slot_mapping (int64; a negative slot skips its token). fp8 caches store x / scale."""
+    _ops.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
+
+
+@torch.library.register_fake("pagedkv::reshape_and_cache")
+def _(key, value, key_cache, value_cache, slot_mapping, k_scale=None, v_scale=None):
+    torch._check(key.dim() == 3 and key_cache.dim() == 4,
+                 lambda: "reshape_and_cache: key must be 3-D and key_cache 4-D")
+    torch._check(slot_mapping.shape[0] == key.shape[0],
+                 lambda: "reshape_and_cache: slot_mapping must have num_tokens entries")
+    return None
+
+
+def paged_attention(query: Tensor, key_cache: Tensor, value_cache: Tensor, block_table: Tensor,
+                    seq_lens: Tensor, query_start_loc: Tensor, scale: float,
+                    alibi_slopes: Optional[Tensor] = None, sliding_window: int = -1,
+                    softcap: float = 0.0, k_scale: Optional[Tensor] = None,
+                    v_scale: Optional[Tensor] = None) -> Tensor:
+    """Causal attention of query [num_q_tokens, num_heads, head_size] over each sequence's
+    paged K/V; sequence i owns query rows [query_start_loc[i], query_start_loc[i+1])."""
+    return _ops.paged_attention(query, key_cache, value_cache, block_table, seq_lens,
+                                query_start_loc, scale, alibi_slopes, sliding_window, softcap,
+                                k_scale, v_scale)
+
+
+@torch.library.register_fake("pagedkv::paged_attention")
+def _(query, key_cache, value_cache, block_table, seq_lens, query_start_loc, scale,
+      alibi_slopes=None, sliding_window=-1, softcap=0.0, k_scale=None, v_scale=None):
+    torch._check(query.dim() == 3, lambda: "paged_attention: query must be 3-D")
+    torch._check(query.shape[2] == key_cache.shape[3],
+                 lambda: "paged_attention: query head_size must equal key_cache.size(3)")
+    torch._check(query_start_loc.shape[0] == block_table.shape[0] + 1,
+                 lambda: "paged_attention: query_start_loc must have num_seqs + 1 entries")
+    return torch.empty(query.shape, dtype=query.dtype, device=query.device)
+
+
+def copy_blocks(key_caches: Sequence[Tensor], value_caches: Sequence[Tensor],
+                block_mapping: Tensor) -> None:
+    """Copies block src to block dst in every layer's caches for each row (src, dst) of
+    block_mapping (int64 [n, 2]; destinations distinct)."""
+    _ops.copy_blocks(list(key_caches), list(value_caches), block_mapping)
+
+
+@torch.library.register_fake("pagedkv::copy_blocks")
+def _(key_caches, value_caches, block_mapping):
+    torch._check(len(key_caches) == len(value_caches),
+                 lambda: "copy_blocks: key_caches and value_caches must have as many layers")
+    return None
+
+
+def swap_blocks(src: Tensor, dst: Tensor, block_mapping: Tensor) -> None:
+    """Copies src[s] into dst[d] for each row (s, d) of block_mapping; src and dst may be on
+    different devices (GPU cache <-> pinned CPU cache)."""
+    _ops.swap_blocks(src, dst, block_mapping)
+
+
+@torch.library.register_fake("pagedkv::swap_blocks")
+def _(src, dst, block_mapping):
+    return None
