@@ -1,9 +1,10 @@
 # torch_pagedkv: `make run` (the main job), `make test`, `make build`, `make bench`.
 # The environment (torch alone is 5.5 GB) lives in a cache folder keyed by the hash of
-# requirements.txt, created here when missing; .venv is a link to it.
+# the requirement files, created here when missing; .venv is a link to it.
 SHELL := /bin/bash
 PYTHON_BASE ?= python3.11
-REQ_HASH := $(shell sha256sum requirements.txt | cut -c1-16)
+REQ_FILES := requirements.txt requirements-hf.txt
+REQ_HASH := $(shell cat $(REQ_FILES) | sha256sum | cut -c1-16)
 ENV_CACHE ?= $(HOME)/.cache/torch_pagedkv
 ENV_DIR := $(ENV_CACHE)/venv-$(REQ_HASH)
 PY := .venv/bin/python
@@ -16,12 +17,12 @@ SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -na
 
 env: .venv/.ready-$(REQ_HASH)
 
-.venv/.ready-$(REQ_HASH): requirements.txt
+.venv/.ready-$(REQ_HASH): $(REQ_FILES)
 	@if [ ! -f $(ENV_DIR)/.complete ]; then \
 	  echo "creating environment $(ENV_DIR) (first time only: a few minutes)"; \
 	  rm -rf $(ENV_DIR) && mkdir -p $(ENV_CACHE) && \
 	  $(PYTHON_BASE) -m venv $(ENV_DIR) && \
-	  $(ENV_DIR)/bin/pip install -q --progress-bar off -r requirements.txt && \
+	  $(ENV_DIR)/bin/python -m pip install -q --progress-bar off $(addprefix -r ,$(REQ_FILES)) && \
 	  touch $(ENV_DIR)/.complete; \
 	fi
 	@rm -rf .venv && ln -s $(ENV_DIR) .venv
