@@ -4,6 +4,7 @@
 #include "cpu/ops_cpu.h"
 
 #include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
@@ -12,25 +13,37 @@
 namespace pagedkv::cpu {
 namespace {
 
-// Query vectors (rows x GQA heads) per work item: enough to reuse each K/V row
-// from cache across many dot products, small enough for L1/L2-resident scratch.
-constexpr int kVectorsPerItem = 32;
+// Query vectors (rows x GQA heads) per kv head in a work item: enough to reuse each
+// K/V row from L1 across many dot products, small enough for L1/L2-resident scratch.
+constexpr int kVectorsPerHead = 32;
+// Query vectors per work item when several kv heads share it (decode).
+constexpr int kVectorsPerItem = 64;
 
 std::vector<WorkItem> plan_items(const int32_t* qsl, const int32_t* seq_lens, int64_t num_seqs,
                                  int num_kv_heads, int group, int64_t sliding_window) {
-  const int tile_rows = std::max(1, kVectorsPerItem / group);
+  const int tile_rows = std::max(1, kVectorsPerHead / group);
+  // Widest kv-head range first; narrower ranges only while the threads would starve.
+  const int64_t want = 4 * int64_t(at::get_num_threads());
   std::vector<std::pair<int64_t, WorkItem>> costed;
-  for (int64_t i = 0; i < num_seqs; ++i) {
-    const int32_t q_len = qsl[i + 1] - qsl[i];
-    const int64_t base = int64_t(seq_lens[i]) - q_len;
-    for (int32_t r = 0; r < q_len; r += tile_rows) {
-      const int32_t r_end = std::min(q_len, r + tile_rows);
-      const int64_t last = base + r_end - 1;
-      const int64_t first_key = sliding_window > 0 ? std::max<int64_t>(0, base + r - sliding_window + 1) : 0;
-      const int64_t cost = int64_t(r_end - r) * (last - first_key + 1);
-      for (int h = 0; h < num_kv_heads; ++h)
-        costed.push_back({cost, WorkItem{int32_t(i), h, r, r_end}});
+  for (int limit = num_kv_heads;; limit = (limit + 1) / 2) {
+    costed.clear();
+    for (int64_t i = 0; i < num_seqs; ++i) {
+      const int32_t q_len = qsl[i + 1] - qsl[i];
+      const int64_t base = int64_t(seq_lens[i]) - q_len;
+      for (int32_t r = 0; r < q_len; r += tile_rows) {
+        const int32_t r_end = std::min(q_len, r + tile_rows);
+        const int heads = std::clamp(kVectorsPerItem / ((r_end - r) * group), 1, limit);
+        const int64_t last = base + r_end - 1;
+        const int64_t first_key =
+            sliding_window > 0 ? std::max<int64_t>(0, base + r - sliding_window + 1) : 0;
+        for (int h = 0; h < num_kv_heads; h += heads) {
+          const int h_end = std::min(num_kv_heads, h + heads);
+          const int64_t cost = int64_t(r_end - r) * (h_end - h) * (last - first_key + 1);
+          costed.push_back({cost, WorkItem{int32_t(i), h, h_end, r, r_end}});
+        }
+      }
     }
+    if (limit == 1 || int64_t(costed.size()) >= want) break;
   }
   // Longest first: threads pulling from a shared counter then finish together.
   std::stable_sort(costed.begin(), costed.end(),

@@ -56,7 +56,9 @@ struct TypedArgs {
 };
 
 struct WorkItem {
-  int32_t seq, kv_head, row_begin, row_end;  // rows relative to the sequence's first query row
+  int32_t seq;
+  int32_t kv_head_begin, kv_head_end;
+  int32_t row_begin, row_end;  // relative to the sequence's first query row
 };
 
 enum class CacheKind { kSame, kFp8E4m3, kFp8E5m2 };
