@@ -1,7 +1,8 @@
-"""Host-side KV-cache bookkeeping: block manager and block hashing."""
+"""Host-side KV-cache bookkeeping: block manager, block hashing, step planning."""
 
 from .block_hash import BlockHasher, encode_extra_keys, hash_block, root_hash
 from .block_manager import BlockManager, BlockManagerStats, NoFreeBlocksError, SequenceIdError
+from .step_plan import StepMetadata, StepPlanner
 
 __all__ = [
     "BlockHasher",
@@ -9,6 +10,8 @@ __all__ = [
     "BlockManagerStats",
     "NoFreeBlocksError",
     "SequenceIdError",
+    "StepMetadata",
+    "StepPlanner",
     "encode_extra_keys",
     "hash_block",
     "root_hash",
