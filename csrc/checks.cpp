@@ -3,11 +3,31 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <string>
 #include <cstdlib>
 #include <vector>
 
 namespace pagedkv {
 namespace {
+
+// The names users write in Python (torch.int64 rather than c10's "Long").
+std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "float32";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kDouble: return "float64";
+    case at::kLong: return "int64";
+    case at::kInt: return "int32";
+    case at::kShort: return "int16";
+    case at::kChar: return "int8";
+    case at::kByte: return "uint8";
+    case at::kBool: return "bool";
+    case at::ScalarType::Float8_e4m3fn: return "float8_e4m3fn";
+    case at::ScalarType::Float8_e5m2: return "float8_e5m2";
+    default: return c10::toString(t);
+  }
+}
 
 bool is_float_input(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
@@ -28,8 +48,8 @@ void check_size(const char* op, const char* name, const at::Tensor& t, int64_t d
 }
 
 void check_dtype(const char* op, const char* name, const at::Tensor& t, at::ScalarType expected) {
-  TORCH_CHECK(t.scalar_type() == expected, op, ": ", name, " must be ", expected, ", got ",
-              t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == expected, op, ": ", name, " dtype must be ", dtype_name(expected),
+              ", got ", dtype_name(t.scalar_type()));
 }
 
 void check_device(const char* op, const char* name, const at::Tensor& t, const at::Device& d) {
@@ -48,7 +68,7 @@ CacheDims validate_caches(const char* op, const at::Tensor& key_cache,
   TORCH_CHECK(is_cache_dtype(key_cache.scalar_type()), op,
               ": key_cache dtype must be float32, float16, bfloat16, float8_e4m3fn or "
               "float8_e5m2, got ",
-              key_cache.scalar_type());
+              dtype_name(key_cache.scalar_type()));
   TORCH_CHECK(value_cache.sizes() == key_cache.sizes(), op,
               ": value_cache shape must equal key_cache shape ", key_cache.sizes(), ", got ",
               value_cache.sizes());
@@ -112,12 +132,12 @@ WriteDims validate_reshape_and_cache(const at::Tensor& key, const at::Tensor& va
   TORCH_CHECK(value.sizes() == key.sizes(), op, ": value shape must equal key shape ",
               key.sizes(), ", got ", value.sizes());
   TORCH_CHECK(is_float_input(key.scalar_type()), op,
-              ": key dtype must be float32, float16 or bfloat16, got ", key.scalar_type());
+              ": key dtype must be float32, float16 or bfloat16, got ", dtype_name(key.scalar_type()));
   check_dtype(op, "value", value, key.scalar_type());
   if (!is_fp8(key_cache.scalar_type())) {
     TORCH_CHECK(key.scalar_type() == key_cache.scalar_type(), op,
-                ": key dtype must equal the cache dtype ", key_cache.scalar_type(),
-                " (or the cache must be fp8), got ", key.scalar_type());
+                ": key dtype must equal the cache dtype ", dtype_name(key_cache.scalar_type()),
+                " (or the cache must be fp8), got ", dtype_name(key.scalar_type()));
   }
   check_device(op, "key", key, dev);
   check_device(op, "value", value, dev);
@@ -143,11 +163,12 @@ AttentionDims validate_paged_attention(const at::Tensor& query, const at::Tensor
   const at::Device dev = key_cache.device();
   check_dim(op, "query", query, 3, "[num_q_tokens, num_heads, head_size]");
   TORCH_CHECK(is_float_input(query.scalar_type()), op,
-              ": query dtype must be float32, float16 or bfloat16, got ", query.scalar_type());
+              ": query dtype must be float32, float16 or bfloat16, got ",
+              dtype_name(query.scalar_type()));
   if (!is_fp8(key_cache.scalar_type())) {
     TORCH_CHECK(query.scalar_type() == key_cache.scalar_type(), op,
-                ": query dtype must equal the cache dtype ", key_cache.scalar_type(),
-                " (or the cache must be fp8), got ", query.scalar_type());
+                ": query dtype must equal the cache dtype ", dtype_name(key_cache.scalar_type()),
+                " (or the cache must be fp8), got ", dtype_name(query.scalar_type()));
   }
   check_size(op, "query", query, 2, "head_size = key_cache.size(3)", c.head_size);
   const int64_t num_heads = query.size(1);
@@ -196,8 +217,8 @@ int64_t validate_copy_blocks(at::TensorList key_caches, at::TensorList value_cac
     TORCH_CHECK(v.sizes() == k.sizes(), op, ": value_caches[", i, "] shape must equal key_caches[",
                 i, "] shape ", k.sizes(), ", got ", v.sizes());
     TORCH_CHECK(v.scalar_type() == k.scalar_type(), op, ": value_caches[", i,
-                "] dtype must equal key_caches[", i, "] dtype ", k.scalar_type(), ", got ",
-                v.scalar_type());
+                "] dtype must equal key_caches[", i, "] dtype ", dtype_name(k.scalar_type()),
+                ", got ", dtype_name(v.scalar_type()));
     TORCH_CHECK(k.device() == key_caches[0].device() && v.device() == key_caches[0].device(), op,
                 ": every cache must be on ", key_caches[0].device(), ", got key_caches[", i,
                 "] on ", k.device(), " and value_caches[", i, "] on ", v.device());
