@@ -35,13 +35,13 @@ torch_pagedkv/_C.stamp: $(SOURCES) .venv/.ready-$(REQ_HASH)
 	@touch $@
 
 run: build
-	$(PY) -m torch_pagedkv.cli demo
+	$(PY) -m torch_pagedkv.cli showcase
 
 test: build
 	$(PY) -m pytest -q tests
 
 bench: build
-	$(PY) benchmarks/bench_ops.py
+	set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b; done
 
 clean:
 	rm -rf build torch_pagedkv/*.so torch_pagedkv/_C.stamp
