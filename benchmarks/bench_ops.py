@@ -1,0 +1,227 @@
+"""Benchmark of the four ops on this machine (CPU), every number measured side by side.
+
+(a) tensor-copy bandwidth (GB/s counting read + write), (b) reshape_and_cache GB/s,
+(c) decode paged_attention effective GB/s (K/V bytes read once) and its ratio to (a),
+(d) the same decode by gather-then-SDPA and by PyTorch's paged FlexAttention (compiled),
+as speedups, (e) specialized vs generic kernel at head 128, (f) a 2048-token prefill over
+a 2048-token cached prefix in tokens/s. This machine's speed drifts 2x over minutes, so
+every variant is timed in interleaved rounds and ratios are of per-round medians.
+
+    python benchmarks/bench_ops.py [--json] [--rounds N] [--no-flex] [--write-results]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import torch_pagedkv as pk  # noqa: E402
+from benchmarks.results_file import write_section  # noqa: E402
+
+BATCH, CONTEXT, HEADS, KV_HEADS, HEAD, BLOCK = 16, 2048, 32, 8, 128, 16
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def interleaved(variants: dict, rounds: int) -> dict:
+    """Median seconds per variant, each round running every variant once."""
+    for fn in variants.values():
+        fn()  # warm up (and compile)
+    times = {k: [] for k in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            times[name].append(timed(fn))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def decode_setup(dtype, gen):
+    num_blocks = BATCH * CONTEXT // BLOCK
+    kc = torch.randn(num_blocks, BLOCK, KV_HEADS, HEAD, generator=gen).to(dtype)
+    vc = torch.randn(num_blocks, BLOCK, KV_HEADS, HEAD, generator=gen).to(dtype)
+    table = torch.randperm(num_blocks, generator=gen).int().view(BATCH, CONTEXT // BLOCK)
+    seq_lens = torch.full((BATCH,), CONTEXT, dtype=torch.int32)
+    qsl = torch.arange(BATCH + 1, dtype=torch.int32)
+    q = torch.randn(BATCH, HEADS, HEAD, generator=gen).to(dtype)
+    return q, kc, vc, table, seq_lens, qsl
+
+
+def gather_then_sdpa(q, kc, vc, table, seq_lens, scale):
+    """What a plain-PyTorch user writes: gather each sequence's K/V, then SDPA."""
+    b = q.shape[0]
+    k = kc[table.long()].reshape(b, -1, KV_HEADS, HEAD).transpose(1, 2)
+    v = vc[table.long()].reshape(b, -1, KV_HEADS, HEAD).transpose(1, 2)
+    return F.scaled_dot_product_attention(q.unsqueeze(2), k, v, scale=scale, enable_gqa=True)
+
+
+def flex_paged_setup(kc, vc, table, q, scale):
+    """PyTorch's own paged attention: FlexAttention over its PagedAttention page table."""
+    from torch.nn.attention.experimental._paged_attention import PagedAttention
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    n_pages = kc.shape[0]
+    paged = PagedAttention(n_pages, BLOCK, BATCH, device="cpu")
+    for b in range(BATCH):
+        paged.reserve(torch.tensor(b), torch.tensor(CONTEXT))
+    # Its cache layout is [1, kv_heads, pages * page_size, head]: the same K/V, repacked.
+    k_cache = torch.zeros(1, KV_HEADS, n_pages * BLOCK, HEAD, dtype=kc.dtype)
+    v_cache = torch.zeros_like(k_cache)
+    batch_idx = torch.arange(BATCH)
+    pos = torch.arange(CONTEXT).expand(BATCH, CONTEXT)
+    k_vals = kc[table.long()].reshape(BATCH, CONTEXT, KV_HEADS, HEAD).transpose(1, 2)
+    v_vals = vc[table.long()].reshape(BATCH, CONTEXT, KV_HEADS, HEAD).transpose(1, 2)
+    paged.assign(batch_idx, pos, k_vals, v_vals, k_cache, v_cache)
+
+    def causal(b, h, q_idx, kv_idx):
+        return kv_idx <= CONTEXT - 1 + q_idx
+
+    logical = create_block_mask(causal, BATCH, 1, 1, CONTEXT, device="cpu", BLOCK_SIZE=(1, BLOCK))
+    block_mask = paged.convert_logical_block_mask(logical)
+    score_mod = paged.get_score_mod(None)
+    attend = torch.compile(flex_attention, fullgraph=True)
+    query = q.unsqueeze(2)  # [B, H, 1, D]
+    return lambda: attend(query, k_cache, v_cache, block_mask=block_mask, score_mod=score_mod,
+                          scale=scale, enable_gqa=True)
+
+
+def bench_decode(dtype, rounds, flex, gen):
+    q, kc, vc, table, seq_lens, qsl = decode_setup(dtype, gen)
+    scale = 1.0 / math.sqrt(HEAD)
+    kv_bytes = 2 * kc.numel() * kc.element_size()
+    src = torch.randn(kv_bytes // kc.element_size(), generator=gen).to(dtype)
+    dst = torch.empty_like(src)
+
+    def ours():
+        return pk.paged_attention(q, kc, vc, table, seq_lens, qsl, scale)
+
+    def generic():
+        os.environ["PAGEDKV_GENERIC_KERNELS"] = "1"
+        try:
+            return ours()
+        finally:
+            del os.environ["PAGEDKV_GENERIC_KERNELS"]
+
+    variants = {"copy": lambda: dst.copy_(src), "paged_attention": ours, "generic": generic,
+                "gather_sdpa": lambda: gather_then_sdpa(q, kc, vc, table, seq_lens, scale)}
+    if flex:
+        variants["flex_paged"] = flex_paged_setup(kc, vc, table, q, scale)
+    # Sanity: the variants compute the same thing.
+    want = gather_then_sdpa(q, kc, vc, table, seq_lens, scale).squeeze(2).float()
+    torch.testing.assert_close(ours().float(), want, atol=3e-2, rtol=0)
+    t = interleaved(variants, rounds)
+    copy_gbps = 2 * kv_bytes / t["copy"] / 1e9
+    attn_gbps = kv_bytes / t["paged_attention"] / 1e9
+    out = {
+        "dtype": str(dtype).replace("torch.", ""),
+        "copy_GBps": round(copy_gbps, 2),
+        "decode_ms": round(t["paged_attention"] * 1e3, 2),
+        "decode_GBps": round(attn_gbps, 2),
+        "decode_vs_copy": round(attn_gbps / copy_gbps, 3),
+        "speedup_vs_gather_sdpa": round(t["gather_sdpa"] / t["paged_attention"], 2),
+        "specialized_vs_generic_head128": round(t["generic"] / t["paged_attention"], 3),
+    }
+    if flex:
+        out["speedup_vs_flex_paged"] = round(t["flex_paged"] / t["paged_attention"], 2)
+    return out
+
+
+def bench_write(dtype, rounds, gen, cache_dtype=None):
+    tokens = 4096
+    cache_dtype = cache_dtype or dtype
+    kc = torch.zeros(tokens * 2 // BLOCK, BLOCK, KV_HEADS, HEAD, dtype=cache_dtype)
+    vc = torch.zeros_like(kc)
+    key = torch.randn(tokens, KV_HEADS, HEAD, generator=gen).to(dtype)
+    value = torch.randn(tokens, KV_HEADS, HEAD, generator=gen).to(dtype)
+    slots = torch.randperm(kc.shape[0] * BLOCK, generator=gen)[:tokens]
+    scale = torch.tensor([0.5])
+    moved = 2 * key.numel() * (key.element_size() + kc.element_size())  # read input, write cache
+    src = torch.randn(moved // 2 // 4, generator=gen)
+    dst = torch.empty_like(src)
+    t = interleaved({"copy": lambda: dst.copy_(src),
+                     "write": lambda: pk.reshape_and_cache(key, value, kc, vc, slots, scale, scale)},
+                    rounds)
+    copy_gbps = 2 * src.numel() * 4 / t["copy"] / 1e9
+    gbps = moved / t["write"] / 1e9
+    return {"dtype": f"{dtype}->{cache_dtype}".replace("torch.", ""), "GBps": round(gbps, 2),
+            "vs_copy": round(gbps / copy_gbps, 3)}
+
+
+def bench_prefill(dtype, rounds, gen):
+    """2048 new tokens of one sequence over a 2048-token cached prefix (chunked prefill)."""
+    prefix, new = 2048, 2048
+    blocks = (prefix + new) // BLOCK
+    kc = torch.randn(blocks, BLOCK, KV_HEADS, HEAD, generator=gen).to(dtype)
+    vc = torch.randn(blocks, BLOCK, KV_HEADS, HEAD, generator=gen).to(dtype)
+    table = torch.randperm(blocks, generator=gen).int().view(1, -1)
+    q = torch.randn(new, HEADS, HEAD, generator=gen).to(dtype)
+    seq_lens = torch.tensor([prefix + new], dtype=torch.int32)
+    qsl = torch.tensor([0, new], dtype=torch.int32)
+    t = interleaved({"prefill": lambda: pk.paged_attention(q, kc, vc, table, seq_lens, qsl, 0.1)},
+                    max(2, rounds // 3))
+    return {"dtype": str(dtype).replace("torch.", ""), "tokens_per_s": round(new / t["prefill"]),
+            "ms": round(t["prefill"] * 1e3, 1)}
+
+
+def table(result) -> str:
+    lines = [
+        f"Decode: batch {BATCH}, context {CONTEXT}, {HEADS}/{KV_HEADS} heads, head {HEAD}, "
+        f"block {BLOCK}; {result['threads']} threads",
+        "",
+        "| dtype | copy GB/s (r+w) | decode ms | decode GB/s | vs copy | vs gather+SDPA | "
+        "vs FlexAttention paged | specialized/generic |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for d in result["decode"]:
+        lines.append(f"| {d['dtype']} | {d['copy_GBps']} | {d['decode_ms']} | {d['decode_GBps']} | "
+                     f"{d['decode_vs_copy']:.0%} | {d['speedup_vs_gather_sdpa']}x | "
+                     f"{d.get('speedup_vs_flex_paged', '-')}x | "
+                     f"{d['specialized_vs_generic_head128']}x |")
+    lines += ["", "| reshape_and_cache | GB/s (read + write) | vs copy |", "|---|---|---|"]
+    for w in result["write"]:
+        lines.append(f"| {w['dtype']} | {w['GBps']} | {w['vs_copy']:.0%} |")
+    lines += ["", "| prefill 2048 over 2048 cached | tokens/s | ms |", "|---|---|---|"]
+    for p in result["prefill"]:
+        lines.append(f"| {p['dtype']} | {p['tokens_per_s']} | {p['ms']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (slow to compile)")
+    ap.add_argument("--write-results", action="store_true",
+                    help="write the table to benchmarks/RESULTS.md")
+    args = ap.parse_args(argv)
+    gen = torch.Generator().manual_seed(0)
+    result = {
+        "threads": torch.get_num_threads(),
+        "decode": [bench_decode(dt, args.rounds, not args.no_flex, gen)
+                   for dt in (torch.bfloat16, torch.float32)],
+        "write": [bench_write(torch.bfloat16, args.rounds, gen), bench_write(torch.float32, args.rounds, gen),
+                  bench_write(torch.bfloat16, args.rounds, gen, torch.float8_e4m3fn)],
+        "prefill": [bench_prefill(torch.bfloat16, args.rounds, gen)],
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(table(result))
+    if args.write_results:
+        cmd = "python benchmarks/bench_ops.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        write_section("Ops (CPU)", f"Command: `{cmd.strip()}`\n\n{table(result)}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
