@@ -11,7 +11,16 @@ PY := .venv/bin/python
 export CUDA_HOME ?= /usr/local/cuda
 export TORCH_CUDA_ARCH_LIST ?= 9.0
 export MAX_JOBS ?= 2
-SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py
+export PAGEDKV_CUDA ?= auto
+export PAGEDKV_CPU_ISA ?= avx2
+SOURCES := $(sort $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')) setup.py
+# Build cache: a built library is kept under ENV_CACHE keyed by the hash of every source,
+# the environment and the build settings, so a fresh clone of an unchanged tree starts in
+# seconds. PAGEDKV_BUILD_CACHE=0 (CI) always compiles.
+PAGEDKV_BUILD_CACHE ?= 1
+BUILD_KEY = $(shell cat $(SOURCES) | sha256sum | cut -c1-16)-$(REQ_HASH)-$(PAGEDKV_CUDA)-$(PAGEDKV_CPU_ISA)-$(subst ;,_,$(subst $(space),_,$(TORCH_CUDA_ARCH_LIST)))
+space := $(subst ,, )
+LIB_CACHE = $(ENV_CACHE)/lib-$(BUILD_KEY)
 
 .PHONY: env build run test bench clean
 
@@ -31,7 +40,14 @@ env: .venv/.ready-$(REQ_HASH)
 build: env torch_pagedkv/_C.stamp
 
 torch_pagedkv/_C.stamp: $(SOURCES) .venv/.ready-$(REQ_HASH)
-	$(PY) setup.py -q build_ext --inplace
+	@if [ "$(PAGEDKV_BUILD_CACHE)" != 0 ] && [ -f $(LIB_CACHE)/.complete ]; then \
+	  echo "reusing the library built from these exact sources ($(LIB_CACHE))"; \
+	  rm -f torch_pagedkv/_C*.so && cp $(LIB_CACHE)/_C* torch_pagedkv/; \
+	else \
+	  $(PY) setup.py -q build_ext --inplace && \
+	  rm -rf $(LIB_CACHE) && mkdir -p $(LIB_CACHE) && cp torch_pagedkv/_C*.so torch_pagedkv/_C.isa $(LIB_CACHE)/ && \
+	  touch $(LIB_CACHE)/.complete; \
+	fi
 	@touch $@
 
 run: build
