@@ -1,0 +1,108 @@
+"""HFPagedModel: a transformers causal LM as the engine's PagedModel (models/base.py).
+
+The engine hands forward() one flat ragged batch (new tokens of every scheduled
+sequence, their positions, the per-layer paged caches and the step's metadata).
+The HF decoder runs on it as a batch of one row of num_tokens tokens, with the given
+position_ids (so rotary embeddings see each token's own position) and no HF cache;
+the step travels as the `pagedkv_step` keyword, which transformers forwards to every
+attention call, where PagedStep.attend writes the new K/V with reshape_and_cache and
+attends with paged_attention over the engine's block tables. Sequences never see
+each other: paged_attention keeps each to its own blocks. Everything model-specific
+(embedding scale, norms, per-layer windows, softcaps, biases) stays HF's own code, so
+prefix caching, chunked prefill and preemption come from the engine unchanged.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from .hf_attention import ATTN_IMPLEMENTATION, STEP_KWARG, AttnParams
+from .hf_cache import kv_geometry, text_config
+
+
+class PagedStep:
+    """One engine step, as the attention implementation's target (see hf_attention)."""
+
+    def __init__(self, kv_caches: list[tuple[Tensor, Tensor]], metadata,
+                 kv_scales: Optional[list[tuple[Tensor, Tensor]]] = None) -> None:
+        self.kv_caches = kv_caches
+        self.metadata = metadata
+        self.kv_scales = kv_scales
+
+    def attend(self, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+               padding_mask: Optional[Tensor], params: AttnParams) -> Tensor:
+        """query [1, H, T, D], key/value [1, KVH, T, D] of the step's T tokens
+        -> [1, T, H, D]."""
+        layer_idx = getattr(module, "layer_idx", None)
+        if layer_idx is None:
+            raise ValueError(f"{type(module).__name__} has no layer_idx: cannot pick its cache")
+        if query.shape[0] != 1:
+            raise ValueError(f"an engine step is one flat batch, got batch {query.shape[0]}")
+        md = self.metadata
+        key_cache, value_cache = self.kv_caches[layer_idx]
+        k_scale, v_scale = self.kv_scales[layer_idx] if self.kv_scales is not None else (None, None)
+        k = key[0].transpose(0, 1).contiguous()  # [T, KVH, D]
+        v = value[0].transpose(0, 1).contiguous()
+        ops.reshape_and_cache(k, v, key_cache, value_cache, md.slot_mapping, k_scale, v_scale)
+        q = query[0].transpose(0, 1).contiguous()
+        out = ops.paged_attention(q, key_cache, value_cache, md.block_table, md.seq_lens,
+                                  md.query_start_loc, params.scale, None,
+                                  params.sliding_window, params.softcap, k_scale, v_scale)
+        return out.unsqueeze(0)
+
+
+class HFPagedModel(nn.Module):
+    """Adapts a transformers *ForCausalLM to the PagedModel protocol."""
+
+    def __init__(self, hf_model: nn.Module) -> None:
+        super().__init__()
+        config = hf_model.config
+        if getattr(config, "is_encoder_decoder", False):
+            raise ValueError("as_paged_model takes a decoder-only causal LM, got an "
+                             f"encoder-decoder {type(hf_model).__name__}")
+        if config._attn_implementation != ATTN_IMPLEMENTATION:
+            hf_model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        self.hf_model = hf_model.eval()
+        cfg = text_config(config)
+        self.num_layers, self.num_kv_heads, self.head_size = kv_geometry(cfg)
+        self.vocab_size = cfg.vocab_size
+        self.hidden_size = cfg.hidden_size
+        self.max_position = getattr(cfg, "max_position_embeddings", None)
+        self.final_logit_softcapping = getattr(cfg, "final_logit_softcapping", None)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.hf_model.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.hf_model.device
+
+    @torch.no_grad()
+    def forward(self, input_ids: Tensor, positions: Tensor, kv_caches: list[tuple[Tensor, Tensor]],
+                metadata, kv_scales: Optional[list[tuple[Tensor, Tensor]]] = None) -> Tensor:
+        """input_ids, positions: int64 [T] -> hidden states [T, hidden_size]."""
+        out = self.hf_model.base_model(
+            input_ids=input_ids.unsqueeze(0), position_ids=positions.unsqueeze(0),
+            use_cache=False, **{STEP_KWARG: PagedStep(kv_caches, metadata, kv_scales)})
+        return out.last_hidden_state[0]
+
+    @torch.no_grad()
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        """hidden [n, hidden_size] -> float32 logits [n, vocab] (with Gemma-2's final
+        logit softcap, as the HF model's own forward applies it)."""
+        logits = self.hf_model.get_output_embeddings()(hidden)
+        cap = self.final_logit_softcapping
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits.float()
+
+
+def as_paged_model(hf_model: nn.Module) -> HFPagedModel:
+    """A transformers causal LM as a PagedModel for torch_pagedkv.engine.LLM. Switches
+    the model's attention implementation to "pagedkv" (HF's own generate keeps working
+    on it, through the same kernels)."""
+    return HFPagedModel(hf_model)
