@@ -13,3 +13,9 @@ try:  # the BlockManager (cache/) lands beside the ops
     __all__ += ["BlockManager", "NoFreeBlocksError"]
 except ImportError:
     pass
+
+from .cache.kv_cache import KVCache  # noqa: E402
+from .layers import AttentionMetadata, PagedAttention  # noqa: E402
+from . import engine  # noqa: E402  (LLM, SamplingParams)
+
+__all__ += ["KVCache", "AttentionMetadata", "PagedAttention", "engine"]

@@ -1,0 +1,153 @@
+"""The model runner: one scheduled step in, one sampled token per sampler out.
+
+Plan on the host, run on the device (FlashInfer's plan/run split): token ids,
+positions and the rows to sample are written into preallocated host buffers, the
+step's attention metadata by the BlockManager's StepPlanner into its own; each is
+copied to the device with non_blocking=True, then the model runs. Nothing in a
+step reads a device tensor back except the sampled tokens at its very end, the
+one synchronisation per step.
+
+The model runs under torch.compile(fullgraph=True, dynamic=True). Dynamic shapes
+specialise sizes 0 and 1, so every step is padded to at least 2 tokens, 2
+sequences and 2 sampled rows (padding tokens have slot -1: no cache write), and
+duck sizing (one symbol for equal sizes) is switched off while tracing: then one
+graph serves every step, and steps never recompile.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.fx.experimental._config as fx_config
+from torch import Tensor
+
+from ..cache.block_manager import BlockManager
+from ..cache.kv_cache import KVCache
+from ..cache.step_plan import StepMetadata, StepPlanner
+from ..layers.metadata import AttentionMetadata
+from .sampling import sample
+from .scheduler import SchedulerOutput
+
+MIN_SIZE = 2  # dynamic shapes specialise 0 and 1: never hand the graph a size below this
+
+
+def _step(model, input_ids: Tensor, positions: Tensor, sample_rows: Tensor, kv_caches,
+          metadata: AttentionMetadata, kv_scales) -> Tensor:
+    """The device work of one step: the model, then logits for the sampled rows only."""
+    if kv_scales is None:
+        hidden = model.forward(input_ids, positions, kv_caches, metadata)
+    else:
+        hidden = model.forward(input_ids, positions, kv_caches, metadata, kv_scales=kv_scales)
+    return model.compute_logits(hidden.index_select(0, sample_rows))
+
+
+class CompiledStep:
+    """_step under torch.compile(fullgraph=True, dynamic=True), counting the graphs made.
+
+    One per backend, shared by every runner: the model is an argument (its parameters
+    are graph inputs), so engines over the same architecture reuse the same graph
+    instead of compiling their own.
+    """
+
+    _by_backend: dict[str, "CompiledStep"] = {}
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+        self.num_graphs = 0
+        self.fn = torch.compile(_step, fullgraph=True, dynamic=True, backend=self._compile)
+
+    @classmethod
+    def get(cls, backend: str) -> "CompiledStep":
+        if backend not in cls._by_backend:
+            cls._by_backend[backend] = cls(backend)
+        return cls._by_backend[backend]
+
+    def _compile(self, gm, example_inputs):
+        from torch._dynamo.backends.registry import lookup_backend
+        compiled = lookup_backend(self.backend)(gm, example_inputs)
+        self.num_graphs += 1  # after: a trace dynamo restarts does not count
+        return compiled
+
+    def __call__(self, *args) -> tuple[Tensor, int]:
+        """Returns the logits and how many graphs this call compiled."""
+        before = self.num_graphs
+        with fx_config.patch(use_duck_shape=False):  # equal sizes must not share a symbol
+            out = self.fn(*args)
+        return out, self.num_graphs - before
+
+
+class ModelRunner:
+    def __init__(self, model, kv_cache: KVCache, block_manager: BlockManager, *,
+                 max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
+                 compile: bool = True, compile_backend: str = "inductor") -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.device = kv_cache.device
+        self.max_num_tokens = max(max_num_batched_tokens, MIN_SIZE)
+        self.max_num_rows = max(max_num_seqs, MIN_SIZE)
+        bs = block_manager.block_size
+        self.planner = StepPlanner(block_manager, max_num_seqs=max(max_num_seqs + 1, MIN_SIZE),
+                                   max_num_tokens=self.max_num_tokens,
+                                   max_blocks_per_seq=-(-max_model_len // bs), device=self.device)
+        pin = self.device.type == "cuda"
+        self._host = {name: torch.zeros(n, dtype=torch.int64, pin_memory=pin) for name, n in
+                      (("ids", self.max_num_tokens), ("pos", self.max_num_tokens),
+                       ("rows", self.max_num_rows))}
+        self._np = {name: t.numpy() for name, t in self._host.items()}
+        self._dev = ({k: torch.zeros_like(t, device=self.device) for k, t in self._host.items()}
+                     if self.device.type != "cpu" else self._host)
+        # The next step must not overwrite pinned host memory a copy still reads.
+        self._copied = torch.cuda.Event() if self.device.type == "cuda" else None
+        self._arange = np.arange(max_model_len + 1, dtype=np.int64)
+        self.kv_caches = kv_cache.kv_caches
+        self.kv_scales = kv_cache.kv_scales if kv_cache.is_fp8 else None
+        self.compiled = CompiledStep.get(compile_backend) if compile else None
+        self.num_compiled_graphs = 0  # graphs compiled while this runner ran
+        self.last_step: Optional[StepMetadata] = None  # the last step's plan (trace, tests)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> list[int]:
+        """Run one step; returns one sampled token per sampler, in scheduled order."""
+        if out.copies:  # copy-on-write of forked partial blocks, before anything writes
+            self.kv_cache.copy_blocks(out.copies)
+        if self._copied is not None:
+            self._copied.synchronize()  # waits for last step's input copies only
+        ids, pos, rows = self._np["ids"], self._np["pos"], self._np["rows"]
+        steps = []
+        samplers = []
+        t = 0
+        for sch in out.scheduled:
+            c, n = sch.num_computed, sch.num_new
+            ids[t:t + n] = sch.seq.token_ids[c:c + n]
+            pos[t:t + n] = self._arange[c:c + n]
+            t += n
+            steps.append((sch.seq.seq_id, c, n))
+            for s in sch.samplers:
+                rows[len(samplers)] = t - 1
+                samplers.append((s.request.params, s.generator))
+        num_tokens = max(t, MIN_SIZE)
+        ids[t:num_tokens] = 0
+        pos[t:num_tokens] = 0
+        num_rows = max(len(samplers), MIN_SIZE)
+        rows[len(samplers):num_rows] = 0
+        num_seqs = max(len(steps) + (num_tokens > t), MIN_SIZE)
+        step = self.planner.plan(steps, num_tokens=num_tokens, num_seqs=num_seqs)
+        sizes = {"ids": num_tokens, "pos": num_tokens, "rows": num_rows}
+        if self._dev is not self._host:
+            for k, n in sizes.items():
+                self._dev[k][:n].copy_(self._host[k][:n], non_blocking=True)
+            if self._copied is not None:
+                self._copied.record()
+        metadata = AttentionMetadata.from_step(step)
+        self.last_step = step
+        args = (self.model, self._dev["ids"][:num_tokens], self._dev["pos"][:num_tokens],
+                self._dev["rows"][:num_rows], self.kv_caches, metadata, self.kv_scales)
+        if self.compiled is not None:
+            logits, new_graphs = self.compiled(*args)
+            self.num_compiled_graphs += new_graphs
+        else:
+            logits = _step(*args)
+        if not samplers:
+            return []
+        return sample(logits[:len(samplers)], samplers).tolist()  # the step's one sync

@@ -1,0 +1,114 @@
+"""Requests, their sequences, and what generate() returns.
+
+A Request is one prompt with its SamplingParams. It owns n Sequences, one per
+sample: the first (the parent) computes the prompt; when its prefill ends the
+other n - 1 are forked from it and share its prompt blocks (copy-on-write).
+A Sequence is what the scheduler moves between the waiting and running queues
+and what the BlockManager knows by seq_id.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .sampling import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    UNFORKED = "unforked"  # a child sample waiting for its parent's prefill to end
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    """One sample stream: tokens, how many have K/V in the cache, and its status."""
+
+    def __init__(self, seq_id: int, request: "Request", index: int,
+                 generator: Optional[torch.Generator]) -> None:
+        self.seq_id = seq_id
+        self.request = request
+        self.index = index  # sample index within its request
+        self.token_ids: list[int] = list(request.prompt_token_ids)
+        self.num_computed_tokens = 0  # tokens whose K/V are in the cache
+        self.num_block_tokens = 0  # tokens the BlockManager holds for this sequence
+        self.status = SequenceStatus.WAITING if index == 0 else SequenceStatus.UNFORKED
+        self.generator = generator
+        self.finish_reason: Optional[str] = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def in_prefill(self) -> bool:
+        """Has more than its last token to compute (a prompt, or a recompute)."""
+        return self.num_uncomputed > 1
+
+    def __repr__(self) -> str:
+        return (f"Sequence(id={self.seq_id}, tokens={len(self.token_ids)}, "
+                f"computed={self.num_computed_tokens}, {self.status.value})")
+
+
+@dataclass
+class RequestMetrics:
+    num_prompt_tokens: int
+    num_cached_tokens: int = 0  # prompt tokens reused from the prefix cache at admission
+    time_to_first_token: Optional[float] = None  # seconds from arrival
+    latency: Optional[float] = None  # seconds from arrival to the last sample's end
+    num_preemptions: int = 0  # times a sequence of this request was preempted
+
+
+class Request:
+    def __init__(self, request_id: int, prompt_token_ids: list[int], params: SamplingParams,
+                 arrival_time: float, cache_salt: Optional[str] = None) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.params = params
+        self.arrival_time = arrival_time
+        self.cache_salt = cache_salt
+        self.sequences: list[Sequence] = []
+        self.admitted = False
+        self.forked = params.n == 1
+        self.metrics = RequestMetrics(num_prompt_tokens=len(self.prompt_token_ids))
+
+    @property
+    def finished(self) -> bool:
+        return all(s.status is SequenceStatus.FINISHED for s in self.sequences)
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    token_ids: list[int]
+    finish_reason: str  # "length" (max_tokens or max_model_len) or "stop"
+
+
+@dataclass
+class RequestOutput:
+    request_id: int
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    metrics: Optional[RequestMetrics] = None
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The first sample's tokens (the only one when n == 1)."""
+        return self.outputs[0].token_ids
+
+    @classmethod
+    def of(cls, request: Request) -> "RequestOutput":
+        return cls(request.request_id, request.prompt_token_ids,
+                   [CompletionOutput(s.index, s.output_token_ids, s.finish_reason or "")
+                    for s in request.sequences], request.metrics)

@@ -1,0 +1,22 @@
+"""Engine-wide counters, measured from real engine state as steps run."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineStats:
+    num_steps: int = 0
+    num_prefill_tokens: int = 0  # prompt (and recompute) tokens computed
+    num_decode_tokens: int = 0
+    prefill_time_s: float = 0.0  # wall time of steps that computed prefill tokens
+    decode_time_s: float = 0.0  # wall time of decode-only steps
+    num_preemptions: int = 0
+    num_cow_copies: int = 0  # copy-on-write block copies (forks)
+    peak_blocks_used: int = 0  # most blocks referenced by live sequences at once
+    prefix_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_hits: int = 0  # of which reused
+
+    @property
+    def hit_rate(self) -> float:
+        return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
