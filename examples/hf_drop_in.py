@@ -8,20 +8,23 @@ three ways and prints the tokens side by side:
   engine   torch_pagedkv.engine.LLM(model): continuous batching, prefix caching.
 The prompts are a left-padded batch with its attention_mask, so padding is honoured.
 
-    python examples/hf_drop_in.py [--model llama|mistral|gemma2|qwen2] [--new-tokens 24]
+    .venv/bin/python examples/hf_drop_in.py [--model llama|mistral|gemma2|qwen2] [--new-tokens 24]
 """
 from __future__ import annotations
 
 import argparse
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a random config: never touch a hub
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout, not installed
 
-import torch
-from transformers import (AutoModelForCausalLM, Gemma2Config, LlamaConfig, MistralConfig,
-                          Qwen2Config)
+import torch  # noqa: E402
+from transformers import (AutoModelForCausalLM, Gemma2Config, LlamaConfig,  # noqa: E402
+                          MistralConfig, Qwen2Config)
 
-import torch_pagedkv.integrations.hf as pagedkv_hf  # registers attn_implementation="pagedkv"
+import torch_pagedkv.integrations.hf as pagedkv_hf  # noqa: E402  (registers "pagedkv")
 
 COMMON = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
               max_position_embeddings=512, initializer_range=0.1, pad_token_id=0,
@@ -75,10 +78,13 @@ def main() -> None:
     for i in range(len(prompts)):
         for name, toks in runs.items():
             print(f"  prompt {i} {name:>8}: {toks[i]}")
+    agree = True
     for name, toks in runs.items():
         if name != "eager":
             same = sum(a == b for a, b in zip(toks, eager))
             print(f"{name} vs eager: {same}/{len(prompts)} prompts token-identical")
+            agree &= same == len(prompts)
+    sys.exit(0 if agree else 1)
 
 
 if __name__ == "__main__":
