@@ -51,7 +51,7 @@ torch_pagedkv/_C.stamp: $(SOURCES) .venv/.ready-$(REQ_HASH)
 	@touch $@
 
 run: build
-	$(PY) -m torch_pagedkv.cli showcase
+	$(PY) -m torch_pagedkv.cli demo
 
 test: build
 	$(PY) -m pytest -q tests

@@ -117,6 +117,8 @@ class KVCache:
         mapping = torch.as_tensor(pairs, dtype=torch.int64).reshape(-1, 2)
         if mapping.shape[0] == 0:
             return
+        if self.device.type == "cuda":  # pinned + non_blocking: no host-device sync
+            mapping = mapping.pin_memory().to(self.device, non_blocking=True)
         ops.copy_blocks(self.key_caches, self.value_caches, mapping.to(self.device))
 
     def __repr__(self) -> str:

@@ -133,7 +133,8 @@ class LLM:
         used = bm.num_blocks - bm.num_free_blocks
         if not out.scheduled:
             return StepOutput(out, [])
-        tokens = self.runner.execute(out)
+        sampled = self.runner.execute(out)
+        tokens = [] if sampled is None else sampled.tolist()  # the step's one device sync
         now = time.perf_counter()
         finished = self.scheduler.update(out, tokens, now)
         done = []

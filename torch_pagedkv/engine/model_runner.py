@@ -3,9 +3,9 @@
 Plan on the host, run on the device (FlashInfer's plan/run split): token ids,
 positions and the rows to sample are written into preallocated host buffers, the
 step's attention metadata by the BlockManager's StepPlanner into its own; each is
-copied to the device with non_blocking=True, then the model runs. Nothing in a
-step reads a device tensor back except the sampled tokens at its very end, the
-one synchronisation per step.
+copied to the device with non_blocking=True, then the model runs and samples.
+execute() never reads a device tensor back; the engine reads the sampled tokens
+after it returns, the one synchronisation per step.
 
 The model runs under torch.compile(fullgraph=True, dynamic=True). Dynamic shapes
 specialise sizes 0 and 1, so every step is padded to at least 2 tokens, 2
@@ -107,8 +107,9 @@ class ModelRunner:
         self.last_step: Optional[StepMetadata] = None  # the last step's plan (trace, tests)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> list[int]:
-        """Run one step; returns one sampled token per sampler, in scheduled order."""
+    def execute(self, out: SchedulerOutput) -> Optional[Tensor]:
+        """Run one step without waiting for the device: returns the sampled tokens (int64,
+        one per sampler, in scheduled order) as a device tensor, None if none sampled."""
         if out.copies:  # copy-on-write of forked partial blocks, before anything writes
             self.kv_cache.copy_blocks(out.copies)
         if self._copied is not None:
@@ -149,5 +150,5 @@ class ModelRunner:
         else:
             logits = _step(*args)
         if not samplers:
-            return []
-        return sample(logits[:len(samplers)], samplers).tolist()  # the step's one sync
+            return None
+        return sample(logits[:len(samplers)], samplers)

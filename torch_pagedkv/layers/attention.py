@@ -53,7 +53,7 @@ class PagedAttention(nn.Module):
             self.alibi_slopes = None
 
     def _heads(self, x: Tensor, heads: int, name: str) -> Tensor:
-        if x.dim() == 2:
+        if x.dim() == 2 and x.shape[1] == heads * self.head_size:
             x = x.unflatten(-1, (heads, self.head_size))  # a view, also of a strided slice
         if x.dim() != 3 or x.shape[1] != heads or x.shape[2] != self.head_size:
             raise ValueError(f"PagedAttention: {name} must be [num_tokens, {heads * self.head_size}]"
