@@ -200,6 +200,29 @@ def test_200_random_requests_leave_no_block_referenced(model):
                 assert len(c.token_ids) == sp.max_tokens
 
 
+def test_prompts_arriving_together_compute_a_shared_prefix_once(model):
+    """The demo's case: many prompts with one system prompt arrive at once. The first
+    computes it; the others wait for its commit instead of computing it alongside."""
+    rng = random.Random(3)
+    system = [rng.randrange(CFG.vocab_size) for _ in range(50)]
+    prompts = [system + [rng.randrange(CFG.vocab_size) for _ in range(rng.randint(3, 9))]
+               for _ in range(6)]
+    llm = engine(model, max_num_batched_tokens=256)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=3), use_tqdm=False)
+    assert [o.metrics.num_cached_tokens for o in outs] == [0] + [48] * 5
+    assert llm.stats.num_prefill_tokens == sum(map(len, prompts)) - 5 * 48
+    off = engine(model, enable_prefix_caching=False).generate(
+        prompts, SamplingParams(max_tokens=3), use_tqdm=False)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in off]
+
+
+def test_memory_budget_sizes_the_cache(model):
+    per_block = 2 * CFG.num_layers * BLOCK * CFG.num_kv_heads * CFG.head_size * 4
+    llm = LLM(model, memory_bytes=100 * per_block + 5, block_size=BLOCK, compile=False)
+    assert llm.kv_cache.num_blocks == llm.block_manager.num_blocks == 100
+    assert llm.kv_cache.dtype == torch.float32 and llm.max_model_len == 800
+
+
 def test_stop_tokens_and_max_model_len_end_a_sequence(model, reference):
     want = reference[0]
     stop = want[4]

@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = build_workload(args.conversations, args.system_tokens, args.user_min,
                              args.user_max, DEMO_CONFIG.vocab_size, args.seed)
     params = SamplingParams(max_tokens=args.max_tokens)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(w.numel() for w in model.parameters())
     print(f"case study 1: {args.conversations} conversations, {args.system_tokens}-token shared "
           f"system prompt, {args.user_min}-{args.user_max}-token user turns, "
           f"{args.max_tokens} reply tokens each")
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     warm.generate([prompts[0][:40], prompts[1][-7:]], SamplingParams(max_tokens=3),
                   use_tqdm=False)
     what = "compile + warm-up" if not args.no_compile else "warm-up"
-    print(f"{what}: {time.perf_counter() - t0:.1f} s ({warm.num_compiled_graphs} graph)")
+    print(f"{what}: {time.perf_counter() - t0:.1f} s ({warm.num_compiled_graphs} graph(s) compiled)")
 
     off, on_runs = run_in_turns(model, prompts, params, args)
     on = dict(on_runs[0])
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         ("prefill wall time", f"{off['prefill_time_s']:.2f} s", f"{on['prefill_time_s']:.2f} s"),
         ("prefill throughput", f"{off['prefill_tokens'] / off['prefill_time_s']:,.0f} tok/s",
          f"{on['prefill_tokens'] / on['prefill_time_s']:,.0f} tok/s"),
-        ("KV blocks for the 64 prompts", f"{off['kv_blocks']:,}", f"{on['kv_blocks']:,}"),
+        (f"KV blocks for the {len(prompts)} prompts", f"{off['kv_blocks']:,}", f"{on['kv_blocks']:,}"),
         ("KV memory for the prompts", f"{off['kv_bytes'] / mib:.1f} MiB",
          f"{on['kv_bytes'] / mib:.1f} MiB"),
         ("prefix-cache hit rate", f"{off['hit_rate']:.1%}", f"{on['hit_rate']:.1%}"),
