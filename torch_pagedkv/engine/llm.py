@@ -55,7 +55,11 @@ class LLM:
     """A paged-KV-cache engine over a PagedModel (or a Hugging Face model, adapted).
 
     num_blocks or memory_bytes sizes the KV cache (default: a 512 MiB budget);
-    cache_dtype defaults to the model's dtype (fp8 dtypes allowed).
+    cache_dtype defaults to the model's dtype (fp8 dtypes allowed). max_model_len caps a
+    sequence (default: the model's max_position, at most what the cache holds; without
+    chunked prefill also max_num_batched_tokens). compile=True runs the model under
+    torch.compile(fullgraph=True, dynamic=True) with compile_backend ("inductor"; "eager"
+    to check tracing cheaply); the graph is shared by every engine in the process.
     """
 
     def __init__(self, model, num_blocks: Optional[int] = None, *,
