@@ -56,7 +56,8 @@ def extension():
     if not want_cuda():
         return cpp_extension.CppExtension(sources=srcs, extra_compile_args={"cxx": cxx}, **common)
     srcs += sources("csrc/cuda/*.cpp") + sources("csrc/cuda/*.cu")
-    nvcc = ["-O3", "-g0", "--expt-relaxed-constexpr", "-lineinfo",
+    # nvcc rejects -g0 ("Unknown option"); it emits no host debug info unless given -g.
+    nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
             "-DPAGEDKV_CUDA_BUILD"]
     return cpp_extension.CUDAExtension(
         sources=srcs,
