@@ -1,0 +1,159 @@
+// paged_attention, CUDA backend: validate on the host (shapes, dtypes, devices,
+// strides; index ranges only in debug mode), choose the decode or prefill kernel from
+// shapes alone, size the split-K scratch from shapes alone, launch on the current stream.
+// Nothing here reads metadata values, so the op is capturable by CUDA graphs.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+
+#include "checks.h"
+#include "cuda/launch_config.h"
+#include "cuda/ops_cuda.h"
+
+namespace pagedkv::cuda {
+namespace {
+
+// Which kernel serves a batch. Decode (one CTA row per query row, split-K over the keys)
+// is right when there is at most one query row per sequence on average; otherwise the
+// prefill kernel shares each K/V tile across a tile of rows. Both kernels are correct
+// for any batch, so the choice depends on shapes only. PAGEDKV_ATTENTION_PATH=decode or
+// prefill forces one (tests cross-check the two).
+bool use_decode_path(int64_t num_q_tokens, int64_t num_seqs) {
+  const char* v = std::getenv("PAGEDKV_ATTENTION_PATH");
+  if (v != nullptr && std::strcmp(v, "decode") == 0) return true;
+  if (v != nullptr && std::strcmp(v, "prefill") == 0) return false;
+  return num_q_tokens <= num_seqs;
+}
+
+// Runs f(QueryTag, CacheTag) for the validated dtypes: a non-fp8 cache has the query's
+// dtype, an fp8 cache takes any float query.
+template <typename F>
+void with_dtypes(at::ScalarType q, at::ScalarType c, F&& f) {
+  auto with_query = [&](auto cache_tag) {
+    switch (q) {
+      case at::kHalf: f(F16{}, cache_tag); break;
+      case at::kBFloat16: f(BF16{}, cache_tag); break;
+      default: f(F32{}, cache_tag); break;
+    }
+  };
+  switch (c) {
+    case at::kHalf: f(F16{}, F16{}); break;
+    case at::kBFloat16: f(BF16{}, BF16{}); break;
+    case at::ScalarType::Float8_e4m3fn: with_query(E4M3{}); break;
+    case at::ScalarType::Float8_e5m2: with_query(E5M2{}); break;
+    default: f(F32{}, F32{}); break;
+  }
+}
+
+const int32_t* int_ptr(const at::Tensor& t) { return t.data_ptr<int32_t>(); }
+
+}  // namespace
+
+at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
+                           const at::Tensor& value_cache, const at::Tensor& block_table,
+                           const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
+                           double scale, const std::optional<at::Tensor>& alibi_slopes,
+                           int64_t sliding_window, double softcap,
+                           const std::optional<at::Tensor>& k_scale,
+                           const std::optional<at::Tensor>& v_scale) {
+  const char* op = "paged_attention";
+  const AttentionDims d = validate_paged_attention(query, key_cache, value_cache, block_table,
+                                                   seq_lens, query_start_loc, alibi_slopes,
+                                                   k_scale, v_scale);
+  TORCH_CHECK(key_cache.is_cuda(), op, ": the CUDA kernel needs key_cache on a CUDA device, got ",
+              key_cache.device());
+  const c10::cuda::CUDAGuard guard(key_cache.device());
+  if (debug_range_checks()) {
+    check_attention_ranges(block_table.cpu(), seq_lens.cpu(), query_start_loc.cpu(), d);
+  }
+  at::Tensor out = at::empty({d.num_q_tokens, d.num_heads, d.cache.head_size}, query.options());
+  if (d.num_q_tokens == 0) return out;
+
+  constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK(d.num_q_tokens <= kIntMax && d.cache.num_blocks <= kIntMax &&
+                  d.max_blocks_per_seq * d.cache.block_size <= kIntMax,
+              op, ": sizes must fit in int32 (num_q_tokens ", d.num_q_tokens, ", num_blocks ",
+              d.cache.num_blocks, ", max_blocks_per_seq * block_size ",
+              d.max_blocks_per_seq * d.cache.block_size, ")");
+  TORCH_CHECK(d.num_heads <= 65535, op, ": num_heads must be <= 65535, got ", d.num_heads);
+  check_aligned(op, "key_cache", key_cache, 16);
+  check_aligned(op, "value_cache", value_cache, 16);
+
+  // Kernels index the metadata with unit strides; views with other strides are copied
+  // (on the stream, so still graph-safe: a replay copies the updated values again).
+  const at::Tensor bt = block_table.stride(1) == 1 ? block_table : block_table.contiguous();
+  const at::Tensor sl = seq_lens.contiguous(), qsl = query_start_loc.contiguous();
+  const at::Tensor alibi = alibi_slopes.has_value() ? alibi_slopes->contiguous() : at::Tensor();
+  const bool fp8 = is_fp8(key_cache.scalar_type());
+
+  AttentionParams p{};
+  p.query = query.data_ptr();
+  p.q_stride_tok = query.stride(0);
+  p.q_stride_head = query.stride(1);
+  p.q_stride_dim = query.stride(2);
+  p.out = out.data_ptr();
+  p.key_cache = key_cache.data_ptr();
+  p.value_cache = value_cache.data_ptr();
+  p.block_table = int_ptr(bt);
+  p.block_table_stride = bt.stride(0);
+  p.seq_lens = int_ptr(sl);
+  p.query_start_loc = int_ptr(qsl);
+  p.alibi_slopes = alibi.defined() ? alibi.data_ptr<float>() : nullptr;
+  // Scales are read on the device, so changing one never re-captures a graph.
+  p.k_scale = fp8 && k_scale.has_value() ? k_scale->data_ptr<float>() : nullptr;
+  p.v_scale = fp8 && v_scale.has_value() ? v_scale->data_ptr<float>() : nullptr;
+  p.scale = float(scale);
+  p.softcap = softcap > 0 ? float(softcap) : 0.f;
+  p.sliding_window = sliding_window > 0 ? int(std::min<int64_t>(sliding_window, kIntMax)) : -1;
+  p.num_q_tokens = int(d.num_q_tokens);
+  p.num_seqs = int(d.num_seqs);
+  p.num_heads = int(d.num_heads);
+  p.num_kv_heads = int(d.cache.num_kv_heads);
+  p.head_size = int(d.cache.head_size);
+  p.block_size = int(d.cache.block_size);
+  p.num_blocks = int(d.cache.num_blocks);
+  p.max_blocks_per_seq = int(d.max_blocks_per_seq);
+
+  const LaunchConfig cfg = config_for_device(key_cache.device().index(), p.head_size,
+                                             dtype_of(key_cache.scalar_type()), p.block_size);
+  const bool generic = generic_kernels_forced();
+  const int group = p.num_heads / p.num_kv_heads;
+  const int64_t head_chunks = (group + heads_per_cta(group) - 1) / heads_per_cta(group);
+  TORCH_CHECK(p.num_kv_heads * head_chunks <= 65535, op, ": too many kv heads (",
+              p.num_kv_heads, ") for the grid");
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  cudaError_t err = cudaSuccess;
+
+  if (use_decode_path(d.num_q_tokens, d.num_seqs)) {
+    const int64_t parts = decode_num_partitions(p, cfg.partition_size);
+    TORCH_CHECK(parts <= 65535, op, ": max_blocks_per_seq * block_size = ",
+                int64_t(p.max_blocks_per_seq) * p.block_size, " needs ", parts,
+                " partitions of ", cfg.partition_size, " keys; at most 65535 are supported");
+    DecodeScratch s{nullptr, nullptr, nullptr};
+    at::Tensor scratch;
+    if (parts > 1) {  // sized from shapes: every partition of every (row, head)
+      const int64_t slots = d.num_q_tokens * d.num_heads * parts;
+      scratch = at::empty({slots * (p.head_size + 2)}, query.options().dtype(at::kFloat));
+      s.part_out = scratch.data_ptr<float>();
+      s.part_max = s.part_out + slots * p.head_size;
+      s.part_sum = s.part_max + slots;
+    }
+    with_dtypes(query.scalar_type(), key_cache.scalar_type(), [&](auto q, auto c) {
+      err = launch_decode<decltype(q), decltype(c)>(p, s, cfg, generic, stream);
+    });
+  } else {
+    with_dtypes(query.scalar_type(), key_cache.scalar_type(), [&](auto q, auto c) {
+      err = launch_prefill<decltype(q), decltype(c)>(p, cfg, generic, stream);
+    });
+  }
+  C10_CUDA_CHECK(err);
+  return out;
+}
+
+}  // namespace pagedkv::cuda

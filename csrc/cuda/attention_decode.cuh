@@ -1,0 +1,417 @@
+// paged_attention, decode path: split-K flash-decoding over the paged cache.
+//
+// Grid: (query row, kv head x head chunk, partition). A partition is a FIXED number of
+// key positions (LaunchConfig::partition_size), so the number of partitions,
+// ceil(max_blocks_per_seq * block_size / partition_size), depends on tensor shapes only
+// and a CUDA graph captured for one set of metadata replays correctly for any other.
+// CTAs whose partition lies outside the row's visible keys exit at once.
+//
+// One CTA serves every query head of its GQA group (up to kMaxHeadsPerCta): each K and V
+// row is loaded from memory once and used for all of them. A "token group" of TG lanes
+// reads one cache row (one token of one kv head) with 8-element vector loads (16 bytes
+// for 16-bit caches), fp8 is widened in registers, and the query vectors live in
+// registers. Per partition:
+//   1. scores: each group computes q.k for its tokens (dot over its lanes, then a
+//      shuffle reduction inside the group) and writes them to shared memory;
+//   2. softmax: exact max and sum over the partition (one warp per head);
+//   3. values: each group accumulates p * v over the same tokens in registers; groups
+//      are summed with shuffles, warps through shared memory.
+// A row whose visible keys fit in one partition writes its output directly; otherwise
+// every partition writes (output / sum, max, sum) to scratch and decode_reduce_kernel
+// merges them by log-sum-exp. Both kernels derive the row's partitions from the same
+// device-side metadata, so they agree without any host involvement.
+#pragma once
+
+#include "cuda/common.cuh"
+#include "dispatch.h"
+
+namespace pagedkv::cuda {
+
+// How lanes cover a cache row of HEAD elements (HEAD = 0: generic, any head size up to
+// 512 read at run time): TG lanes per row, CPL chunks of 8 elements per lane, U rows in
+// flight per group (more loads in flight hide memory latency). MAXH (1, 2, 4 or 8) is
+// the number of query heads a CTA can serve: the query vectors and accumulators take
+// 2 * MAXH * CPL * 8 registers per lane, so a small GQA group gets a small kernel.
+template <int HEAD, int MAXH>
+struct RowLayout {
+  static constexpr int kChunks = HEAD / 8;
+  static constexpr int TG = HEAD == 0 ? 32 : (kChunks <= 8 ? 8 : (kChunks <= 16 ? 16 : 32));
+  static constexpr int CPL = HEAD == 0 ? 2 : (kChunks + TG - 1) / TG;
+  // Rows in flight per group: fewer when the per-head registers (query, accumulator)
+  // are many, to stay clear of spills.
+  static constexpr int U = CPL * MAXH >= 8 ? 2 : 4;
+  static_assert(HEAD % 8 == 0 && HEAD <= 256, "specialized head sizes are multiples of 8 <= 256");
+};
+
+template <typename QT, typename CT, int HEAD, int MAXH>
+__global__ void __launch_bounds__(256)
+    decode_kernel(const AttentionParams p, const DecodeScratch scratch, int hp, int P,
+                  int block_shift) {
+  using QE = typename Elem<QT>::type;
+  using CE = typename Elem<CT>::type;
+  using L = RowLayout<HEAD, MAXH>;
+  constexpr int TG = L::TG, CPL = L::CPL, U = L::U;
+
+  const int D = HEAD > 0 ? HEAD : p.head_size;
+  const int nchunks = D >> 3;
+  const int t = blockIdx.x;
+  const int part = blockIdx.z;
+  const int num_parts = gridDim.z;
+  const int G = p.num_heads / p.num_kv_heads;
+  const int head_chunks = (G + hp - 1) / hp;
+  const int kvh = blockIdx.y / head_chunks;
+  const int h0 = kvh * G + (blockIdx.y % head_chunks) * hp;  // first query head of this CTA
+  const int gp = min(hp, kvh * G + G - h0);                  // query heads of this CTA
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, NW = blockDim.x >> 5;
+  const int gl = tid % TG, grp = tid / TG, NG = blockDim.x / TG;
+  QE* out = static_cast<QE*>(p.out);
+
+  const RowInfo row = locate_row(p, t);
+  if (!row.valid) {  // no visible key (or malformed metadata): the row's output is 0
+    if (part == 0) {
+      const float zero[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      for (int idx = tid; idx < gp * nchunks; idx += blockDim.x) {
+        const int h = idx / nchunks, c = idx - h * nchunks;
+        Vec8<QT>::store(out + (int64_t(t) * p.num_heads + h0 + h) * D + c * 8, zero);
+      }
+    }
+    return;
+  }
+  const int first = row.k_lo / P, last = (row.k_hi - 1) / P;
+  if (part < first || part > last) return;  // uniform over the CTA: no barrier is skipped
+  const int lo = max(row.k_lo, part * P), hi = min(row.k_hi, (part + 1) * P);
+  const int n = hi - lo;  // keys of this partition, all visible (a row's keys are contiguous)
+  const bool single = first == last;
+
+  extern __shared__ float smem[];
+  const int region = max(hp * P, hp * D);
+  float* logits = smem;      // [gp][P] scores, then probabilities
+  float* red = smem;         // [gp][D] after the value pass (reuses the same memory)
+  float* m_s = smem + region;        // [kMaxHeadsPerCta] max score per head
+  float* l_s = m_s + kMaxHeadsPerCta;  // [kMaxHeadsPerCta] sum of exp per head
+
+  // Query vectors in registers, pre-multiplied by scale (and by k_scale for fp8).
+  const float qmul = p.scale * load_scale(p.k_scale);
+  const QE* query = static_cast<const QE*>(p.query);
+  float q[MAXH][CPL][8];
+  float slope[MAXH];
+#pragma unroll
+  for (int h = 0; h < MAXH; ++h) {
+    slope[h] = (h < gp && p.alibi_slopes) ? __ldg(p.alibi_slopes + h0 + h) : 0.f;
+#pragma unroll
+    for (int j = 0; j < CPL; ++j) {
+      const int c = gl + j * TG;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        q[h][j][e] = (h < gp && c < nchunks)
+                         ? to_float(query[t * p.q_stride_tok + (h0 + h) * p.q_stride_head +
+                                          (c * 8 + e) * p.q_stride_dim]) * qmul
+                         : 0.f;
+      }
+    }
+  }
+
+  const int64_t row_stride = int64_t(p.num_kv_heads) * D;  // elements per cache slot
+  const CE* kc = static_cast<const CE*>(p.key_cache) + int64_t(kvh) * D;
+  const CE* vc = static_cast<const CE*>(p.value_cache) + int64_t(kvh) * D;
+  const BlockLookup look{p.block_table + int64_t(row.seq) * p.block_table_stride, p.block_size,
+                         block_shift, p.num_blocks};
+  // Group grp handles keys lo + grp, lo + grp + NG, ...; the trip count is the same for
+  // every lane of the CTA, so the shuffles below always see the whole warp.
+  const int iters = (n + NG - 1) / NG;
+
+  // 1. Scores.
+  for (int it = 0; it < iters; it += U) {
+    float kf[U][CPL][8];
+    bool ok[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int i = (it + u) * NG + grp;
+      const int64_t slot = i < n ? look.slot(lo + i) : -1;  // -1: past the end or bad block
+      ok[u] = slot >= 0;
+#pragma unroll
+      for (int j = 0; j < CPL; ++j) {
+        const int c = gl + j * TG;
+        if (ok[u] && c < nchunks) {
+          Vec8<CT>::load(kc + slot * row_stride + c * 8, kf[u][j]);
+        } else {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) kf[u][j][e] = 0.f;
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int i = (it + u) * NG + grp;
+#pragma unroll
+      for (int h = 0; h < MAXH; ++h) {
+        if (h < gp) {  // uniform over the CTA
+          float dot = 0.f;
+#pragma unroll
+          for (int j = 0; j < CPL; ++j)
+#pragma unroll
+            for (int e = 0; e < 8; ++e) dot = fmaf(q[h][j][e], kf[u][j][e], dot);
+#pragma unroll
+          for (int off = TG / 2; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+          if (i < n && gl == h) {  // TG >= 8 >= MAXH: lane h of the group writes head h
+            logits[h * P + i] = ok[u] ? finish_score(dot, p.softcap, slope[h], lo + i, row.pos)
+                                      : kNegInf;
+          }
+        }
+      }
+    }
+  }
+  __syncthreads();
+
+  // 2. Softmax over the partition, one warp per head.
+  for (int h = warp; h < gp; h += NW) {
+    float* lg = logits + h * P;
+    float mx = kNegInf;
+    for (int i = lane; i < n; i += 32) mx = fmaxf(mx, lg[i]);
+    mx = warp_max(mx);
+    float sum = 0.f;
+    for (int i = lane; i < n; i += 32) {
+      const float e = mx == kNegInf ? 0.f : __expf(lg[i] - mx);
+      lg[i] = e;
+      sum += e;
+    }
+    sum = warp_sum(sum);
+    if (lane == 0) {
+      m_s[h] = mx;
+      l_s[h] = sum;
+    }
+  }
+  __syncthreads();
+
+  // 3. Values: the same token assignment, so each V row is read once.
+  float acc[MAXH][CPL][8];
+#pragma unroll
+  for (int h = 0; h < MAXH; ++h)
+#pragma unroll
+    for (int j = 0; j < CPL; ++j)
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[h][j][e] = 0.f;
+
+  for (int it = 0; it < iters; it += U) {
+    float vf[U][CPL][8];
+    bool ok[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int i = (it + u) * NG + grp;
+      const int64_t slot = i < n ? look.slot(lo + i) : -1;
+      ok[u] = slot >= 0;
+#pragma unroll
+      for (int j = 0; j < CPL; ++j) {
+        const int c = gl + j * TG;
+        if (ok[u] && c < nchunks) {
+          Vec8<CT>::load(vc + slot * row_stride + c * 8, vf[u][j]);
+        } else {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) vf[u][j][e] = 0.f;
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (!ok[u]) continue;
+      const int i = (it + u) * NG + grp;
+#pragma unroll
+      for (int h = 0; h < MAXH; ++h) {
+        if (h < gp) {
+          const float w = logits[h * P + i];
+#pragma unroll
+          for (int j = 0; j < CPL; ++j)
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[h][j][e] = fmaf(w, vf[u][j][e], acc[h][j][e]);
+        }
+      }
+    }
+  }
+
+  // Sum the groups of each warp: lanes with equal gl hold the same output elements.
+#pragma unroll
+  for (int off = TG; off < 32; off <<= 1)
+#pragma unroll
+    for (int h = 0; h < MAXH; ++h)
+      if (h < gp)
+#pragma unroll
+        for (int j = 0; j < CPL; ++j)
+#pragma unroll
+          for (int e = 0; e < 8; ++e)
+            acc[h][j][e] += __shfl_xor_sync(0xffffffffu, acc[h][j][e], off);
+
+  // Sum the warps in a fixed order (deterministic) in shared memory.
+  __syncthreads();  // every warp is done reading logits, which `red` overwrites
+  for (int w = 0; w < NW; ++w) {
+    if (warp == w && lane < TG) {
+#pragma unroll
+      for (int h = 0; h < MAXH; ++h) {
+        if (h < gp) {
+#pragma unroll
+          for (int j = 0; j < CPL; ++j) {
+            const int c = lane + j * TG;
+            if (c < nchunks) {
+#pragma unroll
+              for (int e = 0; e < 8; ++e) {
+                float* r = red + h * D + c * 8 + e;
+                *r = (w == 0 ? 0.f : *r) + acc[h][j][e];
+              }
+            }
+          }
+        }
+      }
+    }
+    __syncthreads();
+  }
+
+  const float vs = load_scale(p.v_scale);
+  for (int idx = tid; idx < gp * nchunks; idx += blockDim.x) {
+    const int h = idx / nchunks, c = idx - h * nchunks;
+    const float l = l_s[h];
+    const float inv = l > 0.f ? vs / l : 0.f;
+    float o[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) o[e] = red[h * D + c * 8 + e] * inv;
+    const int64_t oh = int64_t(t) * p.num_heads + h0 + h;
+    if (single) {
+      Vec8<QT>::store(out + oh * D + c * 8, o);
+    } else {
+      Vec8<F32>::store(scratch.part_out + (oh * num_parts + part) * D + c * 8, o);
+    }
+  }
+  if (!single && tid < gp) {
+    const int64_t idx = (int64_t(t) * p.num_heads + h0 + tid) * num_parts + part;
+    scratch.part_max[idx] = m_s[tid];
+    scratch.part_sum[idx] = l_s[tid];
+  }
+}
+
+// Merges the partitions of each (row, head) by log-sum-exp: with partition maxima m_p,
+// sums l_p and normalized outputs o_p, out = sum_p w_p o_p / sum_p w_p where
+// w_p = l_p exp(m_p - max_p m_p). Rows served by a single partition were written by the
+// decode kernel and are skipped here.
+template <typename QT>
+__global__ void __launch_bounds__(128)
+    decode_reduce_kernel(const AttentionParams p, const DecodeScratch scratch, int P,
+                         int64_t nparts) {
+  using QE = typename Elem<QT>::type;
+  const int t = blockIdx.x, h = blockIdx.y;
+  const RowInfo row = locate_row(p, t);
+  if (!row.valid) return;
+  const int first = row.k_lo / P, last = (row.k_hi - 1) / P;
+  if (first == last) return;
+  const int64_t base = (int64_t(t) * p.num_heads + h) * nparts;
+  const float* pm = scratch.part_max + base;
+  const float* ps = scratch.part_sum + base;
+
+  float M = kNegInf;
+  for (int q = first; q <= last; ++q)
+    if (ps[q] > 0.f) M = fmaxf(M, pm[q]);
+  float total = 0.f;
+  for (int q = first; q <= last; ++q)
+    if (ps[q] > 0.f) total += ps[q] * __expf(pm[q] - M);
+  const float inv = total > 0.f ? 1.f / total : 0.f;
+
+  const int D = p.head_size;
+  QE* out = static_cast<QE*>(p.out) + (int64_t(t) * p.num_heads + h) * D;
+  for (int c = threadIdx.x; c < (D >> 3); c += blockDim.x) {
+    float o[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int q = first; q <= last; ++q) {
+      if (!(ps[q] > 0.f)) continue;
+      const float w = ps[q] * __expf(pm[q] - M) * inv;
+      float x[8];
+      Vec8<F32>::load(scratch.part_out + (base + q) * D + c * 8, x);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) o[e] = fmaf(w, x[e], o[e]);
+    }
+    Vec8<QT>::store(out + c * 8, o);
+  }
+}
+
+// Runs f(Int<HEAD>) with the compile-time head size (0 = generic kernel).
+template <typename F>
+inline void with_head_size(int head_size, bool generic, F&& f) {
+  if (generic) f(Int<0>{});
+  else dispatch_head_size(head_size, f);
+}
+
+// The kernel serving `hp` query heads per CTA: the smallest MAXH >= hp.
+template <typename Q, typename C, int HEAD>
+auto decode_kernel_for(int hp) {
+  return hp <= 1 ? decode_kernel<Q, C, HEAD, 1>
+                 : hp <= 2 ? decode_kernel<Q, C, HEAD, 2>
+                           : hp <= 4 ? decode_kernel<Q, C, HEAD, 4> : decode_kernel<Q, C, HEAD, 8>;
+}
+
+template <typename Q, typename C, int HEAD>
+cudaError_t decode_launch_impl(const AttentionParams& p, const DecodeScratch& s,
+                               const LaunchConfig& cfg, cudaStream_t stream) {
+  const int G = p.num_heads / p.num_kv_heads;
+  const int hp = heads_per_cta(G);
+  const int head_chunks = (G + hp - 1) / hp;
+  const int P = cfg.partition_size;
+  const int64_t parts = decode_num_partitions(p, P);
+  const size_t smem = decode_smem_bytes(p.head_size, hp, P);
+  auto* kernel = decode_kernel_for<Q, C, HEAD>(hp);
+  if (smem > 48 * 1024) {
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    if (e != cudaSuccess) return e;
+  }
+  const dim3 grid(unsigned(p.num_q_tokens), unsigned(p.num_kv_heads * head_chunks), unsigned(parts));
+  kernel<<<grid, cfg.decode_threads, smem, stream>>>(p, s, hp, P, log2_if_pow2(p.block_size));
+  if (parts > 1) {
+    const int threads = (p.head_size / 8 + 31) / 32 * 32;
+    decode_reduce_kernel<Q><<<dim3(unsigned(p.num_q_tokens), unsigned(p.num_heads)), threads, 0, stream>>>(p, s, P, parts);
+  }
+  return cudaGetLastError();
+}
+
+template <typename Q, typename C>
+cudaError_t launch_decode(const AttentionParams& p, const DecodeScratch& s,
+                          const LaunchConfig& cfg, bool generic, cudaStream_t stream) {
+  cudaError_t err = cudaSuccess;
+  with_head_size(p.head_size, generic, [&](auto head) {
+    err = decode_launch_impl<Q, C, decltype(head)::value>(p, s, cfg, stream);
+  });
+  return err;
+}
+
+inline cudaError_t fill_kernel_info(const void* fn, int threads, size_t smem, KernelInfo* info) {
+  cudaFuncAttributes a{};
+  cudaError_t e = cudaFuncGetAttributes(&a, fn);
+  if (e != cudaSuccess) return e;
+  if (smem > 48 * 1024) {
+    e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    if (e != cudaSuccess) return e;
+  }
+  int blocks = 0;
+  e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, fn, threads, smem);
+  if (e != cudaSuccess) return e;
+  *info = KernelInfo{blocks, a.numRegs, int(a.localSizeBytes), int(a.sharedSizeBytes), int(smem),
+                     a.maxThreadsPerBlock};
+  return cudaSuccess;
+}
+
+template <typename Q, typename C>
+cudaError_t decode_kernel_info(AttentionKernel which, int head_size, int heads, bool generic,
+                               int threads, size_t smem, KernelInfo* info) {
+  cudaError_t err = cudaSuccess;
+  with_head_size(head_size, generic, [&](auto head) {
+    const void* fn =
+        which == AttentionKernel::kDecodeReduce
+            ? reinterpret_cast<const void*>(decode_reduce_kernel<Q>)
+            : reinterpret_cast<const void*>(decode_kernel_for<Q, C, decltype(head)::value>(heads));
+    err = fill_kernel_info(fn, threads, smem, info);
+  });
+  return err;
+}
+
+}  // namespace pagedkv::cuda
+
+// Explicit instantiation for one (query, cache) dtype pair, in its own .cu file so that
+// ninja compiles the pairs in parallel.
+#define PAGEDKV_INSTANTIATE_DECODE(Q, C)                                                      \
+  template cudaError_t launch_decode<Q, C>(const AttentionParams&, const DecodeScratch&,      \
+                                           const LaunchConfig&, bool, cudaStream_t);          \
+  template cudaError_t decode_kernel_info<Q, C>(AttentionKernel, int, int, bool, int, size_t, \
+                                                KernelInfo*);

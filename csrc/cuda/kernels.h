@@ -1,0 +1,171 @@
+// The torch-free interface between the ATen glue (csrc/cuda/*.cpp) and the CUDA kernels
+// (csrc/cuda/*.cu): raw pointers, sizes, strides and a cudaStream_t. Keeping torch out
+// of the .cu files makes them compile in seconds (BUILD.md).
+//
+// Every kernel is graph-safe: its grid depends only on tensor shapes and it reads all
+// metadata (slots, block tables, lengths, mappings, fp8 scales) on the device. Every
+// kernel bounds-checks the indices it reads and skips out-of-range ones, so bad
+// metadata never causes an out-of-bounds access (PAGEDKV_DEBUG=1 turns it into an error
+// on the host instead; see checks.h).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace pagedkv::cuda {
+
+// Element-type tags. The glue picks one per tensor dtype; the .cu files map them to
+// device types (common.cuh). fp8 caches hold raw bytes read as e4m3fn or e5m2.
+struct F32 {};
+struct F16 {};
+struct BF16 {};
+struct E4M3 {};
+struct E5M2 {};
+
+enum class DType : int { kFloat32 = 0, kFloat16, kBFloat16, kFp8E4M3, kFp8E5M2 };
+constexpr int kNumDTypes = 5;
+
+// Launch configuration of one (GPU, head size, cache dtype, block size); see
+// launch_config.h for the table and the heuristic.
+struct LaunchConfig {
+  int decode_threads;   // threads per CTA of the split-K decode kernel: 64, 128 or 256
+  int partition_size;   // keys per decode partition (split-K), multiple of 64 in [64, 1024]
+  int prefill_threads;  // threads per CTA of the prefill/mixed kernel: 64, 128 or 256
+  int write_threads;    // threads per CTA of reshape_and_cache: 64..512, multiple of 32
+};
+
+// ---------------------------------------------------------------------------------------
+// paged_attention
+// ---------------------------------------------------------------------------------------
+
+// Query heads one CTA serves together (sharing each K/V load). A GQA group larger than
+// this is split into equal chunks of at most 8 heads, each chunk one CTA.
+constexpr int kMaxHeadsPerCta = 8;
+
+struct AttentionParams {
+  const void* query;  // [num_q_tokens, num_heads, head_size], any strides
+  int64_t q_stride_tok, q_stride_head, q_stride_dim;
+  void* out;  // contiguous [num_q_tokens, num_heads, head_size], query dtype
+  const void* key_cache;    // contiguous [num_blocks, block_size, num_kv_heads, head_size],
+  const void* value_cache;  // 16-byte aligned
+  const int32_t* block_table;  // [num_seqs, max_blocks_per_seq], unit column stride
+  int64_t block_table_stride;
+  const int32_t* seq_lens;         // [num_seqs]
+  const int32_t* query_start_loc;  // [num_seqs + 1]
+  const float* alibi_slopes;       // [num_heads] or nullptr
+  const float* k_scale;            // device scalars (fp8 caches only) or nullptr = 1.0
+  const float* v_scale;
+  float scale;
+  float softcap;       // <= 0: off
+  int sliding_window;  // <= 0: off
+  int num_q_tokens, num_seqs, num_heads, num_kv_heads, head_size, block_size, num_blocks;
+  int max_blocks_per_seq;
+};
+
+// Decode (split-K flash-decoding): one CTA per (query row, kv head [chunk], partition of
+// `partition_size` keys). With more than one partition, the glue provides float32
+// scratch: part_out [num_q_tokens, num_heads, num_partitions, head_size] and
+// part_max/part_sum [num_q_tokens, num_heads, num_partitions].
+struct DecodeScratch {
+  float* part_out;
+  float* part_max;
+  float* part_sum;
+};
+
+// Number of partitions of the decode kernel: ceil(max_blocks_per_seq * block_size /
+// partition_size), a function of shapes only.
+int64_t decode_num_partitions(const AttentionParams& p, int partition_size);
+
+// Query heads per CTA for a GQA group of `group` heads (<= kMaxHeadsPerCta, balanced).
+int heads_per_cta(int group);
+
+// Prefill/mixed: a CTA takes a tile of query rows of one sequence x a chunk of a GQA
+// group: `qv` query vectors (rows x heads) against `kt` keys at a time, staged in shared
+// memory as float32; `lanes` lanes share one score's dot product (long heads).
+struct PrefillTile {
+  int qv, kt, lanes;
+};
+constexpr PrefillTile prefill_tile(int head_size) {
+  return head_size <= 128 ? PrefillTile{32, 32, 1}
+                          : (head_size <= 256 ? PrefillTile{16, 16, 4} : PrefillTile{8, 8, 4});
+}
+// Rows per tile for this head size and group (a function of shapes only).
+int prefill_rows_per_tile(int head_size, int group);
+size_t prefill_smem_bytes(int head_size);
+size_t decode_smem_bytes(int head_size, int heads, int partition_size);
+
+// Per (query dtype, cache dtype) pair; instantiated in attention_<q>_<cache>.cu.
+// `generic` forces the kernel that reads the head size at run time.
+template <typename Q, typename C>
+cudaError_t launch_decode(const AttentionParams& p, const DecodeScratch& s,
+                          const LaunchConfig& cfg, bool generic, cudaStream_t stream);
+template <typename Q, typename C>
+cudaError_t launch_prefill(const AttentionParams& p, const LaunchConfig& cfg, bool generic,
+                           cudaStream_t stream);
+
+// Resource usage of one kernel instantiation, for `pagedkv occupancy`.
+struct KernelInfo {
+  int max_active_blocks_per_sm;
+  int num_regs;
+  int local_bytes;  // register spills
+  int static_smem_bytes;
+  int dynamic_smem_bytes;
+  int max_threads_per_block;
+};
+enum class AttentionKernel : int { kDecode = 0, kDecodeReduce, kPrefill };
+template <typename Q, typename C>
+cudaError_t decode_kernel_info(AttentionKernel which, int head_size, int heads_per_cta,
+                               bool generic, int threads, size_t dynamic_smem, KernelInfo* info);
+template <typename Q, typename C>
+cudaError_t prefill_kernel_info(int head_size, bool generic, int threads, size_t dynamic_smem,
+                                KernelInfo* info);
+
+// ---------------------------------------------------------------------------------------
+// reshape_and_cache, copy_blocks, swap_blocks (cache_kernels.cu)
+// ---------------------------------------------------------------------------------------
+
+struct WriteParams {
+  const void* key;  // [num_tokens, num_kv_heads, head_size]: rows of row_elems contiguous
+  const void* value;
+  int64_t key_stride_tok, value_stride_tok;  // elements
+  void* key_cache;  // contiguous, num_slots rows of row_elems elements
+  void* value_cache;
+  const int64_t* slot_mapping;  // [num_tokens]
+  const float* k_scale;         // fp8 only; nullptr = 1.0
+  const float* v_scale;
+  int64_t num_tokens, num_slots, row_elems;  // row_elems = num_kv_heads * head_size
+};
+
+// Input dtype x cache dtype (same dtype, or any float input with an fp8 cache).
+cudaError_t launch_reshape_and_cache(const WriteParams& p, DType input, DType cache,
+                                     int threads, cudaStream_t stream);
+
+// copy_blocks: per-layer pointers travel in the kernel's parameters (by value), so one
+// launch covers up to kMaxCopyLayers layers with no device-side pointer array.
+constexpr int kMaxCopyLayers = 96;
+struct CopyLayer {
+  char* key;  // contiguous [num_blocks, ...]
+  char* value;
+  int64_t num_blocks;
+  int64_t block_bytes;
+};
+struct CopyLayers {
+  CopyLayer layer[kMaxCopyLayers];
+  int num_layers;
+};
+cudaError_t launch_copy_blocks(const CopyLayers& layers, const int64_t* block_mapping,
+                               int64_t num_pairs, cudaStream_t stream);
+
+// swap_blocks with the mapping on the device: src and dst are device memory or pinned
+// host memory (addressable from kernels through unified virtual addressing).
+cudaError_t launch_swap_blocks(const char* src, char* dst, int64_t src_blocks,
+                               int64_t dst_blocks, int64_t block_bytes,
+                               const int64_t* block_mapping, int64_t num_pairs,
+                               cudaStream_t stream);
+
+cudaError_t cache_kernel_info(int which /*0 write, 1 copy, 2 swap*/, DType input, DType cache,
+                              int threads, KernelInfo* info);
+
+}  // namespace pagedkv::cuda

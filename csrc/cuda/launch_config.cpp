@@ -1,0 +1,180 @@
+// Launch-config table, heuristic, and the shape-only sizing helpers of kernels.h.
+#include "cuda/launch_config.h"
+
+#include <cuda_runtime_api.h>
+
+#include <initializer_list>
+#include <map>
+#include <mutex>
+#include <stdexcept>
+#include <tuple>
+#include <vector>
+
+namespace pagedkv::cuda {
+
+// ---------------------------------------------------------------------------------------
+// Shape-only sizing (kernels.h). Everything here depends on tensor shapes and the launch
+// config, never on metadata values: that is what keeps the grids graph-safe.
+// ---------------------------------------------------------------------------------------
+
+int64_t decode_num_partitions(const AttentionParams& p, int partition_size) {
+  const int64_t max_ctx = int64_t(p.max_blocks_per_seq) * p.block_size;
+  const int64_t parts = (max_ctx + partition_size - 1) / partition_size;
+  return parts > 0 ? parts : 1;
+}
+
+int heads_per_cta(int group) {
+  const int chunks = (group + kMaxHeadsPerCta - 1) / kMaxHeadsPerCta;
+  return (group + chunks - 1) / chunks;  // balanced: 12 -> 6 + 6, not 8 + 4
+}
+
+int prefill_rows_per_tile(int head_size, int group) {
+  const int rows = prefill_tile(head_size).qv / heads_per_cta(group);
+  return rows > 0 ? rows : 1;
+}
+
+size_t prefill_smem_bytes(int head_size) {
+  const PrefillTile t = prefill_tile(head_size);
+  const size_t dp = size_t(head_size) + 4;
+  const size_t floats = t.qv * dp + 2 * t.kt * dp + size_t(t.qv) * t.kt +
+                        size_t(t.qv) * head_size + 3 * size_t(t.qv) + t.kt /* kval ints */;
+  return floats * sizeof(float);
+}
+
+size_t decode_smem_bytes(int head_size, int heads, int partition_size) {
+  const size_t region = size_t(heads) * (partition_size > head_size ? partition_size : head_size);
+  return (region + 2 * kMaxHeadsPerCta) * sizeof(float);
+}
+
+// ---------------------------------------------------------------------------------------
+// dtypes
+// ---------------------------------------------------------------------------------------
+
+namespace {
+const char* const kDTypeNames[kNumDTypes] = {"float32", "float16", "bfloat16", "float8_e4m3fn",
+                                             "float8_e5m2"};
+}
+
+bool parse_dtype(const std::string& name, DType* out) {
+  for (int i = 0; i < kNumDTypes; ++i) {
+    if (name == kDTypeNames[i]) {
+      *out = DType(i);
+      return true;
+    }
+  }
+  return false;
+}
+
+const char* dtype_name(DType d) { return kDTypeNames[int(d)]; }
+
+// ---------------------------------------------------------------------------------------
+// Heuristic
+// ---------------------------------------------------------------------------------------
+
+LaunchConfig heuristic_config(int head_size, DType cache, int block_size) {
+  (void)cache;
+  (void)block_size;
+  LaunchConfig c{};
+  // Decode: head sizes up to 128 use 16 lanes (or fewer) per cache row, so 4 warps keep
+  // 8 rows x 4 in flight per CTA; longer rows take a whole warp each, so use 8 warps.
+  c.decode_threads = head_size <= 128 ? 128 : 256;
+  // 512 keys per partition: a CTA streams 512 K and V rows (256 KB at head 128, bf16),
+  // long enough to amortize its fixed cost, short enough that batch 8 x 32k context
+  // still yields thousands of CTAs.
+  c.partition_size = 512;
+  // Prefill tiles are sized for 4 warps (128 score units of 2x4 at head <= 128).
+  c.prefill_threads = 128;
+  // reshape_and_cache: one 8-element chunk of K and V per thread.
+  c.write_threads = 256;
+  return c;
+}
+
+std::string config_error(const LaunchConfig& c) {
+  auto in = [](int x, std::initializer_list<int> ok) {
+    for (int v : ok) if (x == v) return true;
+    return false;
+  };
+  if (!in(c.decode_threads, {64, 128, 256}))
+    return "decode_threads must be 64, 128 or 256, got " + std::to_string(c.decode_threads);
+  if (c.partition_size < 64 || c.partition_size > 1024 || c.partition_size % 64 != 0)
+    return "partition_size must be a multiple of 64 in [64, 1024], got " +
+           std::to_string(c.partition_size);
+  if (!in(c.prefill_threads, {64, 128, 256}))
+    return "prefill_threads must be 64, 128 or 256, got " + std::to_string(c.prefill_threads);
+  if (c.write_threads < 64 || c.write_threads > 512 || c.write_threads % 32 != 0)
+    return "write_threads must be a multiple of 32 in [64, 512], got " +
+           std::to_string(c.write_threads);
+  return "";
+}
+
+// ---------------------------------------------------------------------------------------
+// Table
+// ---------------------------------------------------------------------------------------
+
+namespace {
+
+using Key = std::tuple<std::string, int, int, int>;  // device name, head, dtype, block
+
+struct Table {
+  std::mutex mu;
+  std::map<Key, LaunchConfig> entries;
+};
+
+Table& table() {
+  static Table t;
+  return t;
+}
+
+}  // namespace
+
+void set_config(const std::string& device_name, int head_size, DType cache, int block_size,
+                const LaunchConfig& c) {
+  const std::string err = config_error(c);
+  if (!err.empty()) throw std::invalid_argument(err);
+  Table& t = table();
+  std::lock_guard<std::mutex> lock(t.mu);
+  t.entries[Key{device_name, head_size, int(cache), block_size}] = c;
+}
+
+void clear_configs() {
+  Table& t = table();
+  std::lock_guard<std::mutex> lock(t.mu);
+  t.entries.clear();
+}
+
+LaunchConfig find_config(const std::string& device_name, int head_size, DType cache,
+                         int block_size, bool* from_table) {
+  {
+    Table& t = table();
+    std::lock_guard<std::mutex> lock(t.mu);
+    auto it = t.entries.find(Key{device_name, head_size, int(cache), block_size});
+    if (it != t.entries.end()) {
+      if (from_table) *from_table = true;
+      return it->second;
+    }
+  }
+  if (from_table) *from_table = false;
+  return heuristic_config(head_size, cache, block_size);
+}
+
+std::string device_name(int device) {
+  static std::mutex mu;
+  static std::vector<std::string> names;
+  std::lock_guard<std::mutex> lock(mu);
+  if (device >= int(names.size())) names.resize(device + 1);
+  if (names[device].empty()) {
+    cudaDeviceProp prop{};
+    if (cudaGetDeviceProperties(&prop, device) != cudaSuccess) {
+      cudaGetLastError();  // clear the sticky-free error; fall back to the heuristic
+      return "";
+    }
+    names[device] = prop.name;
+  }
+  return names[device];
+}
+
+LaunchConfig config_for_device(int device, int head_size, DType cache, int block_size) {
+  return find_config(device_name(device), head_size, cache, block_size, nullptr);
+}
+
+}  // namespace pagedkv::cuda
