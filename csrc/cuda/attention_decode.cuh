@@ -171,7 +171,7 @@ __global__ void __launch_bounds__(256)
     mx = warp_max(mx);
     float sum = 0.f;
     for (int i = lane; i < n; i += 32) {
-      const float e = mx == kNegInf ? 0.f : __expf(lg[i] - mx);
+      const float e = mx == kNegInf ? 0.f : expf(lg[i] - mx);
       lg[i] = e;
       sum += e;
     }
@@ -309,7 +309,7 @@ __global__ void __launch_bounds__(128)
     if (ps[q] > 0.f) M = fmaxf(M, pm[q]);
   float total = 0.f;
   for (int q = first; q <= last; ++q)
-    if (ps[q] > 0.f) total += ps[q] * __expf(pm[q] - M);
+    if (ps[q] > 0.f) total += ps[q] * expf(pm[q] - M);
   const float inv = total > 0.f ? 1.f / total : 0.f;
 
   const int D = p.head_size;
@@ -318,7 +318,7 @@ __global__ void __launch_bounds__(128)
     float o[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     for (int q = first; q <= last; ++q) {
       if (!(ps[q] > 0.f)) continue;
-      const float w = ps[q] * __expf(pm[q] - M) * inv;
+      const float w = ps[q] * expf(pm[q] - M) * inv;
       float x[8];
       Vec8<F32>::load(scratch.part_out + (base + q) * D + c * 8, x);
 #pragma unroll

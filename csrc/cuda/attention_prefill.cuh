@@ -192,11 +192,11 @@ __global__ void __launch_bounds__(256)
       const float s = lane < KT ? Ss[v * KT + lane] : kNegInf;
       const float m_old = m_s[v];
       const float m_new = fmaxf(m_old, warp_max(s));
-      const float pr = s == kNegInf ? 0.f : __expf(s - m_new);
+      const float pr = s == kNegInf ? 0.f : expf(s - m_new);
       const float sum = warp_sum(pr);
       if (lane < KT) Ss[v * KT + lane] = pr;
       if (lane == 0) {
-        const float alpha = m_old == kNegInf ? 0.f : __expf(m_old - m_new);
+        const float alpha = m_old == kNegInf ? 0.f : expf(m_old - m_new);
         m_s[v] = m_new;
         l_s[v] = l_s[v] * alpha + sum;
         a_s[v] = alpha;

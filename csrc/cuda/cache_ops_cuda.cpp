@@ -89,6 +89,17 @@ char* device_view_of_pinned(const char* op, const char* name, const at::Tensor& 
   return static_cast<char*>(dbase) + (static_cast<char*>(t.data_ptr()) - base);
 }
 
+// A CPU dst has no stream order: its reader is the host, which expects the op's result
+// on return, as for any op writing a CPU tensor. So a swap into CPU memory waits for its
+// copies, except while capturing a graph (which cannot wait; the replaying caller
+// synchronizes). A swap into GPU memory never waits: later kernels on the stream see it.
+void finish_cpu_write(const at::Tensor& dst, cudaStream_t stream) {
+  if (dst.is_cpu() &&
+      c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) {
+    C10_CUDA_CHECK(cudaStreamSynchronize(stream));
+  }
+}
+
 }  // namespace
 
 void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
@@ -184,8 +195,7 @@ void swap_blocks(const at::Tensor& src, at::Tensor& dst, const at::Tensor& block
 
   if (block_mapping.is_cpu()) {
     // The mapping is host data: check it, then one cudaMemcpyAsync per run of consecutive
-    // pairs (DMA engines, any direction, pinned or pageable host memory). Pinned host
-    // memory makes the copies asynchronous: synchronize before reading a CPU dst.
+    // pairs (DMA engines, any direction, pinned or pageable host memory).
     const at::Tensor m = block_mapping.contiguous();
     check_block_mapping_ranges(op, m, src.size(0), dst.size(0), /*distinct_dst=*/false);
     if (n == 0 || bytes == 0) return;
@@ -201,6 +211,7 @@ void swap_blocks(const at::Tensor& src, at::Tensor& dst, const at::Tensor& block
                                      size_t(run * bytes), cudaMemcpyDefault, stream));
       i += run;
     }
+    finish_cpu_write(dst, stream);
     return;
   }
 
@@ -219,6 +230,7 @@ void swap_blocks(const at::Tensor& src, at::Tensor& dst, const at::Tensor& block
   const at::Tensor m = block_mapping.contiguous();
   C10_CUDA_CHECK(launch_swap_blocks(s, dp, src.size(0), dst.size(0), bytes,
                                     m.data_ptr<int64_t>(), n, stream));
+  finish_cpu_write(dst, stream);
 }
 
 }  // namespace pagedkv::cuda
