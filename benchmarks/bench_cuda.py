@@ -1,0 +1,192 @@
+"""Benchmark of the CUDA kernels on the GPU present, against the device's copy bandwidth.
+
+(a) device copy bandwidth (tensor copy of 2 GiB, GB/s counting read + write);
+(b) reshape_and_cache GB/s (input read + cache write) writing batch x context tokens;
+(c) decode paged_attention GB/s (K/V bytes, each read once) at batch 64 x context 4096
+    and batch 8 x context 32768, 32 query / 8 kv heads, head 128, block 16, bf16 and
+    fp8 (e4m3fn, bf16 queries), with (b) and (c) as ratios to (a);
+(d) prefill tokens/s: an 8192-token prompt, and a 2048-token chunk over a 6144-token
+    cached prefix;
+(e) specialized vs generic kernels (PAGEDKV_GENERIC_KERNELS=1) on decode and prefill.
+Times are medians of CUDA-event timed repeats after warm-up. Without a GPU it says so and
+exits 0 (make bench runs every benchmark).
+
+    python benchmarks/bench_cuda.py [--repeats N] [--json PATH] [--write-results]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import torch_pagedkv as pk  # noqa: E402
+from torch_pagedkv import reference  # noqa: E402
+
+HEADS, KV_HEADS, HEAD, BLOCK = 32, 8, 128, 16
+DECODE_SHAPES = [(64, 4096), (8, 32768)]
+CACHE_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
+
+
+def median_s(fn, repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def random_cache(num_blocks, cache_dtype, gen):
+    x = torch.randn(num_blocks, BLOCK, KV_HEADS, HEAD, device="cuda", generator=gen)
+    if cache_dtype in reference.FP8_DTYPES:
+        return reference.quantize(x, cache_dtype, None)
+    return x.to(cache_dtype)
+
+
+def attention_setup(seqs, cache_dtype, gen):
+    """paged_attention arguments for sequences (q_len, seq_len), blocks scattered."""
+    blocks = [math.ceil(s / BLOCK) for _, s in seqs]
+    num_blocks = sum(blocks)
+    kc, vc = random_cache(num_blocks, cache_dtype, gen), random_cache(num_blocks, cache_dtype, gen)
+    perm = torch.randperm(num_blocks, device="cuda", generator=gen).int()
+    table = torch.zeros(len(seqs), max(blocks), dtype=torch.int32, device="cuda")
+    start = 0
+    for i, n in enumerate(blocks):
+        table[i, :n] = perm[start:start + n]
+        start += n
+    q_lens = torch.tensor([q for q, _ in seqs])
+    qsl = torch.cat([torch.zeros(1, dtype=torch.int64), q_lens.cumsum(0)]).int().cuda()
+    seq_lens = torch.tensor([s for _, s in seqs], dtype=torch.int32, device="cuda")
+    q = torch.randn(int(q_lens.sum()), HEADS, HEAD, device="cuda", generator=gen).bfloat16()
+    fp8 = cache_dtype in reference.FP8_DTYPES
+    one = torch.ones(1, device="cuda")
+    scales = dict(k_scale=one, v_scale=one) if fp8 else {}
+    return (lambda: pk.paged_attention(q, kc, vc, table, seq_lens, qsl, HEAD ** -0.5, **scales)), \
+        2 * kc.numel() * kc.element_size()
+
+
+def copy_bandwidth(repeats) -> float:
+    src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / median_s(lambda: dst.copy_(src), repeats)
+
+
+def write_bandwidth(tokens, cache_dtype, gen, repeats) -> float:
+    num_blocks = math.ceil(tokens / BLOCK)
+    kc, vc = random_cache(num_blocks, cache_dtype, gen), random_cache(num_blocks, cache_dtype, gen)
+    k = torch.randn(tokens, KV_HEADS, HEAD, device="cuda", generator=gen).bfloat16()
+    v = torch.randn_like(k)
+    slots = torch.randperm(num_blocks * BLOCK, device="cuda", generator=gen)[:tokens]
+    one = torch.ones(1, device="cuda")
+    scales = (one, one) if cache_dtype in reference.FP8_DTYPES else (None, None)
+    t = median_s(lambda: pk.reshape_and_cache(k, v, kc, vc, slots, *scales), repeats)
+    moved = 2 * tokens * KV_HEADS * HEAD * (k.element_size() + kc.element_size())
+    return moved / t
+
+
+def with_generic(flag: bool, fn):
+    old = os.environ.get("PAGEDKV_GENERIC_KERNELS")
+    os.environ["PAGEDKV_GENERIC_KERNELS"] = "1" if flag else "0"
+    try:
+        return fn()
+    finally:
+        if old is None:
+            del os.environ["PAGEDKV_GENERIC_KERNELS"]
+        else:
+            os.environ["PAGEDKV_GENERIC_KERNELS"] = old
+
+
+def run(repeats: int) -> dict:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    r = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "repeats": repeats}
+    r["copy_GBps"] = copy_bandwidth(repeats) / 1e9
+    for name, dt in CACHE_DTYPES.items():
+        for batch, ctx in DECODE_SHAPES:
+            tag = f"{name} {batch}x{ctx}"
+            r[f"write_GBps {tag}"] = write_bandwidth(batch * ctx, dt, gen, repeats) / 1e9
+            fn, kv_bytes = attention_setup([(1, ctx)] * batch, dt, gen)
+            t = median_s(fn, repeats)
+            r[f"decode_us {tag}"] = t * 1e6
+            r[f"decode_GBps {tag}"] = kv_bytes / t / 1e9
+            if name == "bf16" and (batch, ctx) == DECODE_SHAPES[0]:
+                r["decode_generic_over_specialized"] = \
+                    with_generic(True, lambda: median_s(fn, repeats)) / t
+            del fn
+            torch.cuda.empty_cache()
+    for label, seqs in (("prefill 8192", [(8192, 8192)]),
+                        ("prefill 2048 over 6144 cached", [(2048, 8192)])):
+        fn, _ = attention_setup(seqs, torch.bfloat16, gen)
+        t = median_s(fn, max(3, repeats // 4))
+        r[f"{label} tokens/s"] = seqs[0][0] / t
+        if label == "prefill 8192":
+            r["prefill_generic_over_specialized"] = \
+                with_generic(True, lambda: median_s(fn, max(3, repeats // 4))) / t
+    return r
+
+
+def table(r: dict) -> str:
+    copy = r["copy_GBps"]
+    lines = [f"CUDA kernels on {r['gpu']} (torch {r['torch']}), {HEADS}/{KV_HEADS} heads, head "
+             f"{HEAD}, block {BLOCK}, median of {r['repeats']}",
+             "",
+             "| measure | value | vs copy |",
+             "| --- | --- | --- |",
+             f"| device copy bandwidth (read + write) | {copy:,.0f} GB/s | 1.00 |"]
+    for name in CACHE_DTYPES:
+        for batch, ctx in DECODE_SHAPES:
+            tag = f"{name} {batch}x{ctx}"
+            w, d = r[f"write_GBps {tag}"], r[f"decode_GBps {tag}"]
+            lines.append(f"| reshape_and_cache {tag.replace(' ', ', ')} ({batch * ctx} tokens) | "
+                         f"{w:,.0f} GB/s | {w / copy:.2f} |")
+            lines.append(f"| decode {tag.replace(' ', ', ')} | {d:,.0f} GB/s "
+                         f"({r[f'decode_us {tag}']:,.0f} us) | {d / copy:.2f} |")
+    for label in ("prefill 8192", "prefill 2048 over 6144 cached"):
+        lines.append(f"| {label} (bf16) | {r[f'{label} tokens/s']:,.0f} tokens/s | |")
+    lines.append(f"| generic / specialized time, decode bf16 64x4096 | "
+                 f"{r['decode_generic_over_specialized']:.2f}x | |")
+    lines.append(f"| generic / specialized time, prefill 8192 | "
+                 f"{r['prefill_generic_over_specialized']:.2f}x | |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--json", help="also write the raw numbers to this file")
+    parser.add_argument("--write-results", action="store_true",
+                        help="replace the CUDA section of benchmarks/RESULTS.md")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_cuda: no CUDA device (torch.cuda.is_available() is False); nothing to measure")
+        return 0
+    if not pk.HAS_CUDA_KERNELS:
+        print("bench_cuda: torch_pagedkv was built without CUDA kernels; nothing to measure")
+        return 0
+    r = run(args.repeats)
+    text = table(r)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(r, f, indent=1)
+    if args.write_results:
+        from benchmarks.results_file import write_section
+        write_section(f"CUDA kernels ({r['gpu']})",
+                      text + "\n\nCommand: `python benchmarks/bench_cuda.py --write-results`")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,410 @@
+"""CUDA kernels against the reference, beyond the device-parametrized op tests
+(test_paged_attention.py, test_cache_writes.py, test_opcheck.py run on CUDA too): both
+attention kernels (split-K decode and tiled prefill) on the same inputs, partition edges
+of the split-K decode, every launch config giving the same results, generic vs
+specialized kernels, out-of-range metadata never faulting, debug-mode range checks, the
+vectorized and scalar write paths, copy_blocks across many layers and swap_blocks with
+the mapping on either side. Skipped without a GPU."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import torch_pagedkv as pk
+from torch_pagedkv import reference
+from torch_pagedkv.tuning import table
+from torch_pagedkv.tuning.table import Entry, LaunchConfig
+from paged_inputs import ATOL, FLOAT_DTYPES, FP8_DTYPES, make_batch, random_cache
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+PATHS = ["decode", "prefill"]
+MIXED = [(1, 37), (5, 5), (0, 20), (3, 100), (17, 50), (1, 1)]
+
+
+def test_cuda_kernels_are_built():
+    assert pk.HAS_CUDA_KERNELS, "a GPU is present but torch_pagedkv was built without CUDA kernels"
+
+
+@pytest.fixture
+def configs():
+    """Sets launch configs for this GPU; restores the installed table afterwards."""
+    gpu = torch.cuda.get_device_name()
+
+    def use(head_size, cache_dtype, block_size, **changes):
+        name = str(cache_dtype).removeprefix("torch.")
+        base = table.heuristic(head_size, name, block_size)
+        cfg = LaunchConfig(**{**base.__dict__, **changes})
+        table.apply([Entry(gpu, head_size, name, block_size, cfg)])
+    yield use
+    torch.ops.pagedkv._clear_launch_configs()
+    table.install()
+
+
+def attend(batch, path=None, monkeypatch=None, **kw):
+    scale = 1.0 / math.sqrt(batch.query.shape[-1])
+    kw.setdefault("k_scale", batch.k_scale)
+    kw.setdefault("v_scale", batch.v_scale)
+    if path is not None:
+        monkeypatch.setenv("PAGEDKV_ATTENTION_PATH", path)
+    try:
+        return pk.paged_attention(*batch.attention_args(), scale, **kw)
+    finally:
+        if path is not None:
+            monkeypatch.delenv("PAGEDKV_ATTENTION_PATH")
+
+
+def expected(batch, **kw):
+    scale = 1.0 / math.sqrt(batch.query.shape[-1])
+    kw.setdefault("k_scale", batch.k_scale)
+    kw.setdefault("v_scale", batch.v_scale)
+    cpu = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in kw.items()}
+    return reference.paged_attention(*[a.cpu() for a in batch.attention_args()], scale, **cpu)
+
+
+def assert_matches(out, ref, dtype, atol=None):
+    torch.testing.assert_close(out.cpu().float(), ref.float(), atol=atol or ATOL[dtype], rtol=0)
+
+
+# ------------------------------------------------------------------------------------
+# paged_attention
+# ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("head_size", [64, 80, 96, 112, 128, 192, 256, 8, 40, 136, 512])
+@pytest.mark.parametrize("block_size", [8, 16, 32, 1, 12])
+def test_both_kernels_every_shape(monkeypatch, path, dtype, head_size, block_size):
+    batch = make_batch(MIXED, 8, 2, head_size, block_size, dtype, device="cuda",
+                       seed=head_size + block_size)
+    assert_matches(attend(batch, path, monkeypatch), expected(batch), dtype)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("cache_dtype", FP8_DTYPES)
+@pytest.mark.parametrize("head_size,block_size", [(128, 16), (64, 8), (256, 32), (24, 3)])
+def test_fp8_caches(monkeypatch, path, dtype, cache_dtype, head_size, block_size):
+    batch = make_batch(MIXED, 8, 4, head_size, block_size, dtype, cache_dtype, device="cuda")
+    assert_matches(attend(batch, path, monkeypatch), expected(batch), dtype)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("num_heads,num_kv_heads", [
+    (8, 8), (8, 4), (8, 2), (32, 8), (6, 2), (7, 1), (8, 1), (12, 1), (16, 1), (32, 1), (18, 2)])
+def test_gqa_groups_including_chunked(monkeypatch, path, num_heads, num_kv_heads):
+    """Groups up to 8 heads share one CTA; larger ones (12, 16, 32) split into chunks."""
+    batch = make_batch(MIXED, num_heads, num_kv_heads, 128, 16, torch.float16, device="cuda")
+    assert_matches(attend(batch, path, monkeypatch), expected(batch), torch.float16)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("feature", [
+    dict(sliding_window=1), dict(sliding_window=7), dict(sliding_window=600),
+    dict(softcap=3.0), dict(alibi_slopes=True),
+    dict(sliding_window=100, softcap=2.0, alibi_slopes=True)])
+def test_features(monkeypatch, path, feature):
+    batch = make_batch([(1, 1500), (1, 700), (40, 900), (0, 3), (9, 9)], 16, 4, 128, 16,
+                       torch.bfloat16, device="cuda", seed=3)
+    kw = dict(feature)
+    if kw.pop("alibi_slopes", False):
+        kw["alibi_slopes"] = torch.rand(16, generator=torch.Generator().manual_seed(2)).cuda()
+    assert_matches(attend(batch, path, monkeypatch, **kw), expected(batch, **kw), torch.bfloat16)
+
+
+@pytest.mark.parametrize("partition_size", [64, 128, 512, 1024])
+@pytest.mark.parametrize("window", [-1, 65, 200])
+def test_decode_partition_edges(monkeypatch, configs, partition_size, window):
+    """Context lengths on and around partition boundaries, one or many partitions per row,
+    windows that start the visible keys past the first partition."""
+    P = partition_size
+    lens = [1, P - 1, P, P + 1, 2 * P - 1, 2 * P, 3 * P + 5, 1000]
+    configs(64, torch.float32, 16, partition_size=P)
+    batch = make_batch([(1, n) for n in lens], 4, 2, 64, 16, torch.float32, device="cuda",
+                       columns=-(-max(lens) // 16) + 3)
+    out = attend(batch, "decode", monkeypatch, sliding_window=window)
+    assert_matches(out, expected(batch, sliding_window=window), torch.float32)
+
+
+@pytest.mark.parametrize("decode_threads", [64, 128, 256])
+@pytest.mark.parametrize("partition_size", [64, 256, 512, 1024])
+@pytest.mark.parametrize("prefill_threads", [64, 128, 256])
+def test_every_launch_config_gives_the_same_result(monkeypatch, configs, decode_threads,
+                                                   partition_size, prefill_threads):
+    configs(128, torch.bfloat16, 16, decode_threads=decode_threads,
+            partition_size=partition_size, prefill_threads=prefill_threads)
+    batch = make_batch([(1, 2000), (1, 33), (6, 700), (1, 1)], 32, 8, 128, 16, torch.bfloat16,
+                       device="cuda", seed=11)
+    ref = expected(batch)
+    for path in PATHS:
+        assert_matches(attend(batch, path, monkeypatch), ref, torch.bfloat16)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_generic_kernel_matches_specialized(monkeypatch, path, cache_dtype):
+    batch = make_batch(MIXED + [(1, 1200)], 32, 8, 128, 16, torch.bfloat16, cache_dtype,
+                       device="cuda")
+    special = attend(batch, path, monkeypatch)
+    monkeypatch.setenv("PAGEDKV_GENERIC_KERNELS", "1")
+    generic = attend(batch, path, monkeypatch)
+    torch.testing.assert_close(special.float(), generic.float(), atol=1.6e-2, rtol=0)
+    assert_matches(generic, expected(batch), torch.bfloat16)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_batch_kinds(monkeypatch, path):
+    for seqs in ([(1, 4100)] * 3, [(300, 300)], [(64, 1000)], [(0, 5), (0, 9)], [(1, 1)],
+                 [(2, 40), (0, 3), (1, 1)], [(1, 17)] * 70):
+        batch = make_batch(seqs, 8, 2, 64, 16, torch.float32, device="cuda")
+        assert_matches(attend(batch, path, monkeypatch), expected(batch), torch.float32)
+
+
+def test_strided_metadata_views():
+    """Metadata that are views with non-unit strides read the same as contiguous copies."""
+    batch = make_batch([(1, 90), (4, 30), (1, 5)], 8, 2, 64, 8, torch.float16, device="cuda")
+    ref = expected(batch)
+    wide = torch.zeros(batch.block_table.shape[0], 2 * batch.block_table.shape[1],
+                       dtype=torch.int32, device="cuda")
+    wide[:, ::2] = batch.block_table
+    batch.block_table = wide[:, ::2]  # column stride 2
+    lens = torch.zeros(6, dtype=torch.int32, device="cuda")
+    lens[::2] = batch.seq_lens
+    batch.seq_lens = lens[::2]
+    assert_matches(attend(batch), ref, torch.float16)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_out_of_range_block_ids_never_fault(monkeypatch, path):
+    """Bad ids inside the visible range are skipped on the device (no fault, finite output);
+    the stream stays usable."""
+    batch = make_batch([(1, 300), (3, 50), (1, 2000)], 8, 2, 64, 16, torch.float16, device="cuda")
+    nb = batch.key_cache.shape[0]
+    batch.block_table[0, 2] = nb
+    batch.block_table[1, 0] = -5
+    batch.block_table[2, 7] = 2**31 - 1
+    out = attend(batch, path, monkeypatch)
+    torch.cuda.synchronize()
+    assert torch.isfinite(out.float()).all()
+    # Rows whose keys are all readable are unaffected.
+    good = make_batch([(1, 300)], 8, 2, 64, 16, torch.float16, device="cuda")
+    assert_matches(attend(good), expected(good), torch.float16)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_malformed_lengths_never_fault(monkeypatch, path):
+    """seq_lens beyond the table or negative, query_start_loc out of order or past the
+    rows: no fault (compute-sanitizer in scripts/gpu_check.sh checks no access is out of
+    bounds)."""
+    batch = make_batch([(1, 40), (2, 20), (1, 9)], 4, 2, 64, 16, torch.float32, device="cuda")
+    batch.seq_lens[0] = 10**9
+    batch.seq_lens[1] = -7
+    for qsl in ([0, 1, 3, 4], [0, 3, 1, 4], [0, 1, 99, 4], [-3, 1, 3, 4]):
+        batch.query_start_loc.copy_(torch.tensor(qsl, dtype=torch.int32))
+        attend(batch, path, monkeypatch)
+    torch.cuda.synchronize()
+
+
+DEBUG_SCRIPT = r"""
+import torch, torch_pagedkv as pk
+kc = torch.randn(4, 16, 2, 64, device="cuda"); vc = torch.randn_like(kc)
+k = torch.randn(3, 2, 64, device="cuda")
+try:
+    pk.reshape_and_cache(k, k, kc, vc, torch.tensor([0, 64, 1], device="cuda"))
+except RuntimeError as e:
+    print("raised:", str(e).splitlines()[0])
+q = torch.randn(1, 4, 64, device="cuda")
+bt = torch.tensor([[0, 9]], dtype=torch.int32, device="cuda")
+try:
+    pk.paged_attention(q, kc, vc, bt, torch.tensor([20], dtype=torch.int32, device="cuda"),
+                       torch.tensor([0, 1], dtype=torch.int32, device="cuda"), 0.1)
+except RuntimeError as e:
+    print("raised:", str(e).splitlines()[0])
+try:
+    pk.copy_blocks([kc], [vc], torch.tensor([[0, 4]], device="cuda"))
+except RuntimeError as e:
+    print("raised:", str(e).splitlines()[0])
+"""
+
+
+def test_debug_mode_checks_ranges_on_the_host():
+    run = subprocess.run([sys.executable, "-c", DEBUG_SCRIPT], capture_output=True, text=True,
+                         env={**os.environ, "PAGEDKV_DEBUG": "1"})
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines == [
+        "raised: reshape_and_cache: slot_mapping[1] must be < num_blocks * block_size = 64 "
+        "(or negative to skip), got 64",
+        "raised: paged_attention: block_table[0, 1] must be in [0, num_blocks = 4), got 9",
+        "raised: copy_blocks: block_mapping[0, 1] (dst) must be in [0, 4), got 4",
+    ], run.stdout
+
+
+def test_bad_devices_and_alignment_are_refused():
+    batch = make_batch([(1, 20)], 4, 2, 64, 16, torch.float32, device="cuda")
+    with pytest.raises(RuntimeError, match="query must be on cuda"):
+        pk.paged_attention(batch.query.cpu(), *batch.attention_args()[1:], 0.1)
+    with pytest.raises(RuntimeError, match="seq_lens must be on cuda"):
+        args = list(batch.attention_args())
+        args[4] = args[4].cpu()
+        pk.paged_attention(*args, 0.1)
+    flat = torch.randn(batch.key_cache.numel() + 1, device="cuda")
+    shifted = flat[1:].view(batch.key_cache.shape)  # contiguous, but 4 bytes off alignment
+    with pytest.raises(RuntimeError, match="key_cache data must be 16-byte aligned"):
+        pk.paged_attention(batch.query, shifted, batch.value_cache, *batch.attention_args()[3:], 0.1)
+
+
+def test_opcheck_decode_with_partitions(configs):
+    configs(64, torch.float32, 16, partition_size=64)
+    b = make_batch([(1, 300), (1, 7), (1, 129)], 8, 2, 64, 16, torch.float32, device="cuda")
+    torch.library.opcheck(torch.ops.pagedkv.paged_attention.default,
+                          (*b.attention_args(), 0.125))
+
+
+# ------------------------------------------------------------------------------------
+# reshape_and_cache
+# ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("cache_dtype", [None] + FP8_DTYPES)
+@pytest.mark.parametrize("head_size,kv_heads", [(128, 8), (64, 1), (40, 3), (512, 2)])
+def test_reshape_and_cache_bit_exact(aligned, dtype, cache_dtype, head_size, kv_heads):
+    """Vector (aligned) and scalar (misaligned view) paths store exactly the reference's
+    bytes, fp8 saturation and NaN -> 0 included; negative and out-of-range slots skip."""
+    cache_dtype = cache_dtype or dtype
+    g = torch.Generator().manual_seed(head_size)
+    n, nb, bs = 50, 9, 16
+    shape = (n, kv_heads, head_size)
+    k = (torch.randn(shape, generator=g) * 300).to(dtype)
+    v = torch.randn(shape, generator=g).to(dtype)
+    k[0, 0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30]).to(dtype)
+    slots = torch.randperm(nb * bs, generator=g)[:n]
+    slots[3], slots[7], slots[11] = -1, nb * bs, 10**12  # padding, out of range: skipped
+    kc = random_cache(nb, bs, kv_heads, head_size, cache_dtype, "cpu", g)
+    vc = random_cache(nb, bs, kv_heads, head_size, cache_dtype, "cpu", g)
+    scales = (torch.tensor([0.7]), torch.tensor([1.3])) if cache_dtype in FP8_DTYPES else (None, None)
+    want_k, want_v = kc.clone(), vc.clone()
+    keep = (slots >= 0) & (slots < nb * bs)
+    reference.reshape_and_cache(k[keep], v[keep], want_k, want_v, slots[keep], *scales)
+
+    def on_gpu(t):
+        if aligned:
+            return t.cuda()
+        buf = torch.empty(t.numel() + 1, dtype=t.dtype, device="cuda")  # one element off
+        view = buf[1:].view(t.shape)
+        view.copy_(t)
+        return view
+
+    gk, gv = on_gpu(k), on_gpu(v)
+    ck, cv = kc.cuda(), vc.cuda()
+    pk.reshape_and_cache(gk, gv, ck, cv, slots.cuda(),
+                         *[s.cuda() if s is not None else None for s in scales])
+    assert torch.equal(ck.cpu().view(torch.uint8), want_k.view(torch.uint8))
+    assert torch.equal(cv.cpu().view(torch.uint8), want_v.view(torch.uint8))
+
+
+@pytest.mark.parametrize("write_threads", [64, 96, 256, 512])
+def test_reshape_and_cache_threads(configs, write_threads):
+    configs(64, torch.float16, 16, write_threads=write_threads)
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(333, 5, 64, generator=g).half()
+    slots = torch.randperm(40 * 16, generator=g)[:333]
+    kc, vc = torch.zeros(40, 16, 5, 64).half(), torch.zeros(40, 16, 5, 64).half()
+    ck, cv = kc.cuda(), vc.cuda()
+    reference.reshape_and_cache(k, k, kc, vc, slots)
+    pk.reshape_and_cache(k.cuda(), k.cuda(), ck, cv, slots.cuda())
+    assert torch.equal(ck.cpu(), kc) and torch.equal(cv.cpu(), vc)
+
+
+# ------------------------------------------------------------------------------------
+# copy_blocks, swap_blocks
+# ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mapping_device", ["cpu", "cuda"])
+@pytest.mark.parametrize("num_layers", [1, 3, 96, 97, 200])
+def test_copy_blocks_many_layers(mapping_device, num_layers):
+    """One launch per 96 layers; layers may differ in shape and dtype."""
+    g = torch.Generator().manual_seed(num_layers)
+    shapes = [(10, 16, 2, 64), (12, 8, 1, 40), (10, 3, 3, 8)]
+    dtypes = [torch.float16, torch.float8_e5m2, torch.float32]
+    keys, values = [], []
+    for i in range(num_layers):
+        shape, dtype = shapes[i % 3], dtypes[i % 3]
+        keys.append(random_cache(*shape, dtype, "cpu", g))
+        values.append(random_cache(*shape, dtype, "cpu", g))
+    mapping = torch.tensor([[0, 5], [3, 7], [3, 9], [8, 1]])
+    gk, gv = [k.cuda() for k in keys], [v.cuda() for v in values]
+    reference.copy_blocks(keys, values, mapping)
+    pk.copy_blocks(gk, gv, mapping.to(mapping_device))
+    for got, want in zip(gk + gv, keys + values):
+        assert torch.equal(got.cpu().view(torch.uint8), want.view(torch.uint8))
+
+
+def test_copy_blocks_out_of_range_device_mapping_is_skipped():
+    kc = torch.randn(6, 16, 2, 64, device="cuda")
+    vc = torch.randn_like(kc)
+    before_k, before_v = kc.clone(), vc.clone()
+    pk.copy_blocks([kc], [vc], torch.tensor([[0, 2], [6, 1], [1, -1], [-9, 3]], device="cuda"))
+    torch.cuda.synchronize()
+    before_k[2], before_v[2] = before_k[0], before_v[0]
+    assert torch.equal(kc, before_k) and torch.equal(vc, before_v)
+
+
+def test_copy_blocks_out_of_range_cpu_mapping_raises_and_writes_nothing():
+    kc = torch.randn(6, 16, 2, 64, device="cuda")
+    before = kc.clone()
+    with pytest.raises(RuntimeError, match=r"block_mapping\[1, 0\] \(src\) must be in \[0, 6\)"):
+        pk.copy_blocks([kc], [kc.clone()], torch.tensor([[0, 2], [6, 1]]))
+    assert torch.equal(kc, before)
+
+
+SWAP_DEVICES = [("cuda", "cpu"), ("cpu", "cuda"), ("cuda", "cuda")]
+
+
+@pytest.mark.parametrize("src_device,dst_device", SWAP_DEVICES)
+@pytest.mark.parametrize("mapping_device", ["cpu", "cuda"])
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_swap_blocks(src_device, dst_device, mapping_device, cache_dtype):
+    g = torch.Generator().manual_seed(1)
+    src = random_cache(12, 16, 2, 64, cache_dtype, "cpu", g)
+    dst = random_cache(9, 16, 2, 64, cache_dtype, "cpu", g)
+    # Consecutive runs (0..2 -> 4..6) are merged into one copy; the rest are single blocks.
+    mapping = torch.tensor([[0, 4], [1, 5], [2, 6], [11, 0], [7, 8], [7, 2]])
+    want = dst.clone()
+    reference.swap_blocks(src, want, mapping)
+    gsrc = src.cuda() if src_device == "cuda" else src.pin_memory()
+    gdst = dst.cuda() if dst_device == "cuda" else dst.pin_memory()
+    pk.swap_blocks(gsrc, gdst, mapping.to(mapping_device))
+    torch.cuda.synchronize()
+    assert torch.equal(gdst.cpu().view(torch.uint8), want.view(torch.uint8))
+
+
+def test_swap_blocks_device_mapping_needs_pinned_cpu_memory():
+    src = torch.randn(4, 16, 2, 64, device="cuda")
+    dst = torch.zeros(4, 16, 2, 64)  # pageable
+    with pytest.raises(RuntimeError, match="dst is on the CPU and block_mapping on cuda"):
+        pk.swap_blocks(src, dst, torch.tensor([[0, 1]], device="cuda"))
+    pk.swap_blocks(src, dst, torch.tensor([[0, 1]]))  # a host mapping works with any memory
+    assert torch.equal(dst[1], src[0].cpu())
+
+
+def test_swap_blocks_out_of_range_device_mapping_is_skipped():
+    src = torch.randn(4, 16, 2, 64, device="cuda")
+    dst = torch.zeros(4, 16, 2, 64).pin_memory()
+    pk.swap_blocks(src, dst, torch.tensor([[0, 1], [4, 2], [1, 9]], device="cuda"))
+    torch.cuda.synchronize()
+    want = torch.zeros(4, 16, 2, 64)
+    want[1] = src[0].cpu()
+    assert torch.equal(dst, want)
+
+
+def test_swap_blocks_out_of_range_cpu_mapping_raises_and_writes_nothing():
+    src = torch.randn(4, 16, 2, 64, device="cuda")
+    dst = torch.zeros(4, 16, 2, 64, device="cuda")
+    with pytest.raises(RuntimeError, match=r"block_mapping\[1, 1\] \(dst\) must be in \[0, 4\)"):
+        pk.swap_blocks(src, dst, torch.tensor([[0, 1], [2, 4]]))
+    assert not dst.any()
