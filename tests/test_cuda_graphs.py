@@ -87,6 +87,7 @@ class Sequences:
             tokens += self.tokens[i]
             slots += [self.slot(i, p) for p in range(n)]
             qsl.append(qsl[-1] + n)
+        self.positions = torch.cat([torch.arange(n) for n in self.lengths]).cuda()
         return self.metadata(tokens, slots, qsl, self.lengths)
 
     def decode_inputs(self, pad_rows=0):
@@ -98,6 +99,7 @@ class Sequences:
             slots.append(self.slot(i, n))
             self.lengths[i] = n + 1
         lengths = self.lengths + [1] * pad_rows
+        self.positions = torch.tensor([n - 1 for n in lengths], device="cuda")
         tokens += [0] * pad_rows
         slots += [-1] * pad_rows
         return self.metadata(tokens, slots, list(range(len(lengths) + 1)), lengths, pad_rows)
@@ -110,7 +112,7 @@ class Sequences:
                 table.cuda(), torch.tensor(lengths, dtype=torch.int32, device="cuda"),
                 torch.tensor(qsl, dtype=torch.int32, device="cuda"))
 
-    def move_blocks(self, model):
+    def move_blocks(self, caches):
         """Moves every sequence's blocks to fresh physical blocks (copy_blocks), as a
         copy-on-write would: the block table then changes, not just grows."""
         pairs = []
@@ -119,7 +121,7 @@ class Sequences:
                 new = self.free.pop()
                 pairs.append((b, new))
                 t[j] = new
-        keys, values = zip(*model.caches())
+        keys, values = zip(*caches)
         pk.copy_blocks(list(keys), list(values), torch.tensor(pairs, device="cuda"))
 
 
@@ -148,7 +150,7 @@ def test_captured_decode_step_replays_with_new_metadata(dtype, cache_dtype):
 
         for step in range(8):
             if step == 4:
-                seqs.move_blocks(model)
+                seqs.move_blocks(model.caches())
             inputs = seqs.decode_inputs(pad_rows=1)
             eager = model(*inputs)  # writes the same K/V to the same slots as the replay
             for buf, new in zip(static, inputs):
@@ -170,9 +172,46 @@ def test_compiled_reduce_overhead_decode_matches_eager(dtype):
         model(*seqs.prefill_inputs())
         for step in range(6):
             if step == 3:
-                seqs.move_blocks(model)
+                seqs.move_blocks(model.caches())
             inputs = seqs.decode_inputs()
             got = compiled(*inputs).clone()  # cudagraph outputs are reused by the next replay
             want = model(*inputs)
             close(got, want, dtype)
+    assert counters["inductor"].get("cudagraph_skips", 0) == 0, dict(counters["inductor"])
+
+
+def test_tiny_llama_decode_step_reduce_overhead_matches_eager():
+    """The engine's tiny Llama (rotary, fused QKV views, GQA) over a KVCache whose tensors
+    are marked static, so the captured graphs update the caches in place."""
+    from torch_pagedkv.layers.metadata import AttentionMetadata
+    from torch_pagedkv.models import LlamaConfig, TinyLlama
+
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    cfg = LlamaConfig(num_layers=2, num_heads=8, num_kv_heads=2, head_size=64, hidden_size=512)
+    model = TinyLlama(cfg, dtype=torch.bfloat16, device="cuda")
+    cache = pk.KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_size, BLOCK,
+                       num_blocks=NUM_BLOCKS, dtype=torch.bfloat16, device="cuda")
+    caches = cache.kv_caches
+    for k, v in caches:
+        torch._dynamo.mark_static_address(k)
+        torch._dynamo.mark_static_address(v)
+
+    def step(input_ids, positions, slot_mapping, block_table, seq_lens, qsl):
+        metadata = AttentionMetadata(slot_mapping, block_table, seq_lens, qsl)
+        return model.compute_logits(model(input_ids, positions, caches, metadata))
+
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    seqs = Sequences([100, 530, 7])
+    with torch.no_grad():
+        inputs = seqs.prefill_inputs()
+        step(inputs[0], seqs.positions, *inputs[1:])
+        for i in range(6):
+            if i == 3:
+                seqs.move_blocks(caches)
+            inputs = seqs.decode_inputs()
+            got = compiled(inputs[0], seqs.positions, *inputs[1:]).clone()
+            want = step(inputs[0], seqs.positions, *inputs[1:])
+            close(got, want, torch.bfloat16)
     assert counters["inductor"].get("cudagraph_skips", 0) == 0, dict(counters["inductor"])
