@@ -7,8 +7,9 @@
 #      caching allocator off so every out-of-bounds access hits a real allocation edge;
 #   5. a quick `pagedkv tune` of the benchmark keys, written to $OUT/launch_configs.json;
 #   6. benchmarks/bench_cuda.py with that table; its short table is printed last.
-# Every step has a time limit (480 s in all); outputs go under $OUT (default ./gpu_check_out). The exit
-# status is non-zero when any step failed (the remaining steps still run).
+# Every step has a time limit (480 s in all); outputs go under $OUT (default
+# /tmp/pagedkv_gpu_check). The exit status is non-zero when any step failed (the
+# remaining steps still run); 2 when there is no GPU at all.
 #
 # The machine needs pytest, hypothesis and expecttest for step 3. If its Python lacks
 # them (there is no package registry there), copy the pure-Python packages next to the
@@ -19,7 +20,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-OUT=${OUT:-$ROOT/gpu_check_out}
+OUT=${OUT:-${TMPDIR:-/tmp}/pagedkv_gpu_check}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
@@ -59,16 +60,21 @@ step() {
   done
 } 2>&1 | tee "$OUT/environment.txt"
 
+if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  echo "gpu_check: no CUDA device here (torch.cuda.is_available() is False); run it on the GPU machine"
+  exit 2
+fi
+
 # 1. Build (the same flags as `make build`, with this machine's Python and cores).
-step "build" 140 "$OUT/build.log" \
+step "build" 110 "$OUT/build.log" \
   "$PY" setup.py -q build_ext --inplace || { echo "build failed: nothing else can run"; exit 1; }
 
 # 2. Occupancy of the benchmark configurations.
-step "occupancy" 20 "$OUT/occupancy.txt" \
+step "occupancy" 15 "$OUT/occupancy.txt" \
   "$PY" -m torch_pagedkv.cli occupancy --heads 64 128 256 --dtypes bfloat16 float8_e4m3fn
 
 # 3. CUDA tests: the CUDA-only files and the device-parametrized op tests' cuda cases.
-step "pytest (cuda)" 140 "$OUT/pytest.log" \
+step "pytest (cuda)" 180 "$OUT/pytest.log" \
   "$PY" -m pytest -q -rfE --maxfail=50 --junitxml="$OUT/pytest.xml" \
   tests/test_cuda_ops.py tests/test_cuda_graphs.py tests/test_launch_configs.py \
   tests/test_paged_attention.py tests/test_cache_writes.py tests/test_opcheck.py \
@@ -78,23 +84,23 @@ step "pytest (cuda)" 140 "$OUT/pytest.log" \
 SANITIZER=$(command -v compute-sanitizer || ls "$CUDA_HOME"/compute-sanitizer/compute-sanitizer \
             "$CUDA_HOME"/bin/compute-sanitizer 2>/dev/null | head -n 1)
 if [ -n "$SANITIZER" ]; then
-  step "compute-sanitizer memcheck" 80 "$OUT/memcheck.log" \
+  step "compute-sanitizer memcheck" 90 "$OUT/memcheck.log" \
     env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 3 --print-limit 30 \
     "$PY" -m pytest -q -p no:randomly tests/test_cuda_ops.py -k \
-    "never_fault or partition_edges and 64 and 65 or (bit_exact and 128 and 8 and float8_e4m3fn) or skipped or many_layers and 97 or test_swap_blocks and bfloat16 or both_kernels_every_shape and 40 and 12 and float16"
+    "never_fault or partition_edges and 64 and 65 or (bit_exact and 128 and 8 and float8_e4m3fn) or skipped or many_layers and 97 or test_swap_blocks and bfloat16 or both_kernels_every_shape and 40 and 12 and float16 or gqa and 12-1"
 else
   SUMMARY+=("$(printf '%-34s %-16s' "compute-sanitizer memcheck" "NOT FOUND")")
   FAILED=1
 fi
 
 # 5. A quick tune of the benchmark keys; the table is used by the benchmark below.
-step "pagedkv tune --quick" 40 "$OUT/tune.log" \
+step "pagedkv tune --quick" 35 "$OUT/tune.log" \
   "$PY" -m torch_pagedkv.cli tune --quick --heads 128 --dtypes bfloat16 float8_e4m3fn \
   --block-sizes 16 --out "$OUT/launch_configs.json"
 [ -f "$OUT/launch_configs.json" ] && export PAGEDKV_LAUNCH_CONFIGS="$OUT/launch_configs.json"
 
 # 6. Benchmarks, last.
-step "bench_cuda" 60 "$OUT/bench.log" \
+step "bench_cuda" 50 "$OUT/bench.log" \
   "$PY" benchmarks/bench_cuda.py --json "$OUT/bench.json"
 
 echo

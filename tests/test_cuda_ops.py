@@ -22,6 +22,10 @@ from paged_inputs import ATOL, FLOAT_DTYPES, FP8_DTYPES, make_batch, random_cach
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 PATHS = ["decode", "prefill"]
+
+
+def dtype_id(d) -> str:
+    return "same" if d is None else str(d).removeprefix("torch.")
 MIXED = [(1, 37), (5, 5), (0, 20), (3, 100), (17, 50), (1, 1)]
 
 
@@ -74,7 +78,7 @@ def assert_matches(out, ref, dtype, atol=None):
 # ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("head_size", [64, 80, 96, 112, 128, 192, 256, 8, 40, 136, 512])
 @pytest.mark.parametrize("block_size", [8, 16, 32, 1, 12])
 def test_both_kernels_every_shape(monkeypatch, path, dtype, head_size, block_size):
@@ -84,8 +88,8 @@ def test_both_kernels_every_shape(monkeypatch, path, dtype, head_size, block_siz
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("cache_dtype", FP8_DTYPES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("cache_dtype", FP8_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("head_size,block_size", [(128, 16), (64, 8), (256, 32), (24, 3)])
 def test_fp8_caches(monkeypatch, path, dtype, cache_dtype, head_size, block_size):
     batch = make_batch(MIXED, 8, 4, head_size, block_size, dtype, cache_dtype, device="cuda")
@@ -144,7 +148,7 @@ def test_every_launch_config_gives_the_same_result(monkeypatch, configs, decode_
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn], ids=dtype_id)
 def test_generic_kernel_matches_specialized(monkeypatch, path, cache_dtype):
     batch = make_batch(MIXED + [(1, 1200)], 32, 8, 128, 16, torch.bfloat16, cache_dtype,
                        device="cuda")
@@ -269,8 +273,8 @@ def test_opcheck_decode_with_partitions(configs):
 # ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("aligned", [True, False])
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("cache_dtype", [None] + FP8_DTYPES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("cache_dtype", [None] + FP8_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("head_size,kv_heads", [(128, 8), (64, 1), (40, 3), (512, 2)])
 def test_reshape_and_cache_bit_exact(aligned, dtype, cache_dtype, head_size, kv_heads):
     """Vector (aligned) and scalar (misaligned view) paths store exactly the reference's
@@ -367,7 +371,7 @@ SWAP_DEVICES = [("cuda", "cpu"), ("cpu", "cuda"), ("cuda", "cuda")]
 
 @pytest.mark.parametrize("src_device,dst_device", SWAP_DEVICES)
 @pytest.mark.parametrize("mapping_device", ["cpu", "cuda"])
-@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn], ids=dtype_id)
 def test_swap_blocks(src_device, dst_device, mapping_device, cache_dtype):
     g = torch.Generator().manual_seed(1)
     src = random_cache(12, 16, 2, 64, cache_dtype, "cpu", g)
