@@ -96,7 +96,8 @@ int prefill_rows_per_tile(int head_size, int group);
 size_t prefill_smem_bytes(int head_size);
 size_t decode_smem_bytes(int head_size, int heads, int partition_size);
 
-// Per (query dtype, cache dtype) pair; instantiated in attention_<q>_<cache>.cu.
+// Per (query dtype, cache dtype) pair; instantiated in decode_<q>.cu / decode_fp8_<q>.cu and
+// prefill_<q>.cu / prefill_fp8_<q>.cu (one file per query dtype, so ninja builds them in parallel).
 // `generic` forces the kernel that reads the head size at run time.
 template <typename Q, typename C>
 cudaError_t launch_decode(const AttentionParams& p, const DecodeScratch& s,
@@ -114,7 +115,7 @@ struct KernelInfo {
   int dynamic_smem_bytes;
   int max_threads_per_block;
 };
-enum class AttentionKernel : int { kDecode = 0, kDecodeReduce, kPrefill };
+enum class AttentionKernel : int { kDecode = 0, kDecodeReduce };
 template <typename Q, typename C>
 cudaError_t decode_kernel_info(AttentionKernel which, int head_size, int heads_per_cta,
                                bool generic, int threads, size_t dynamic_smem, KernelInfo* info);

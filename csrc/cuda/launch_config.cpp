@@ -165,7 +165,7 @@ std::string device_name(int device) {
   if (names[device].empty()) {
     cudaDeviceProp prop{};
     if (cudaGetDeviceProperties(&prop, device) != cudaSuccess) {
-      cudaGetLastError();  // clear the sticky-free error; fall back to the heuristic
+      cudaGetLastError();  // clear the (non-sticky) error; launches use the heuristic
       return "";
     }
     names[device] = prop.name;
