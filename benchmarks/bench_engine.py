@@ -199,7 +199,7 @@ def plot(long: dict, bw: dict, path: str, device) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
     for dtype in ("float32", "bfloat16"):
         pts = [r for r in long["rows"] if r["dtype"] == dtype]
         ax.plot([r["context"] for r in pts], [r["gbps"] for r in pts], "o-",
@@ -216,7 +216,7 @@ def plot(long: dict, bw: dict, path: str, device) -> None:
                  f"{long['heads']}/{long['kv_heads']} heads, head {long['head_size']}",
                  fontsize=9)
     ax.set_ylim(bottom=0)
-    ax.legend(fontsize=8, loc="center right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -228,15 +228,17 @@ those `BlockManager.allocate` reused); the prefill wall time is the sum of the e
 that computed prompt tokens. The speedup stays under the token-count bound because a
 prefix-cached conversation's tokens attend over the whole 500-token system prompt, and
 its first step (the one conversation that computes the system prompt while the others
-wait for it) is not full. Case study 2 compares one engine step of 2,080 tokens with two
-steps (2,048 prefill tokens, then 32 decodes): on this CPU the per-token work dominates,
-so the split costs only the second step's fixed overhead (weights read again, one more
-launch per op), which is small on an idle machine and large on a loaded one (every
-OpenMP region waits for a descheduled thread). Case study 3 counts the K/V bytes a decode
-reads once; the kernel is compute-bound on this AVX2 core before it is bandwidth-bound
-(bfloat16 more so: it converts every element), so it reaches a fraction of the read
-bandwidth measured in the same run. Rerun on an idle machine for stable absolute numbers;
-the ratios within a run are what the interleaved rounds protect."""
+wait for it) is not full. Case study 2 compares one launch over the mixed batch with two
+(the 2,048 prefill tokens, then the 32 decodes). For the attention ops alone the two
+launches are about as fast or slightly faster (each launch's work is more uniform); for a
+whole model step on this CPU the per-token matmuls dominate, so the split costs only the
+second step's fixed overhead (weights read again, one more launch per op): even on an
+idle machine, much dearer on a loaded one, where every OpenMP region waits for a
+descheduled thread. Case study 3 counts the K/V bytes a decode reads once; on this AVX2
+core the kernel is compute-bound before it is bandwidth-bound (bfloat16 more so: it
+converts every element), so it reaches a fraction of the read bandwidth timed in the same
+rounds. Absolute numbers move 2x with the machine's load; the ratios within a run are what
+the interleaved rounds protect."""
 
 
 def table(r: dict) -> str:
