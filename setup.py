@@ -1,9 +1,10 @@
 """Builds torch_pagedkv._C: TORCH_LIBRARY registrations only (no pybind), py_limited_api.
 
 PAGEDKV_CUDA=0|1|auto (default auto): build the CUDA kernels when torch is a CUDA
-build and nvcc is found. PAGEDKV_CPU_ISA=avx2|native|generic (default avx2) picks the
-ISA the CPU kernels are compiled for (they use 8-float at::vec vectors; native lets the
-compiler use AVX-512 elsewhere); torch_pagedkv checks at load time that the CPU has it.
+build and nvcc is found. PAGEDKV_CPU_ISA=avx2|avx512|native|generic (default avx2, the
+portable choice for a wheel; `make` picks avx512 on a CPU that has it) sets the ISA of the
+CPU kernels (16-float at::vec vectors with avx512, 8 otherwise); torch_pagedkv checks at
+load time that the CPU has it.
 """
 import glob
 import os
@@ -17,6 +18,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 CPU_ISA_FLAGS = {
     "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"],
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+               "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"],
     "native": ["-march=native", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"],
     "generic": ["-DCPU_CAPABILITY=DEFAULT"],
 }

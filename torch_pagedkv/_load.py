@@ -7,7 +7,10 @@ import platform
 
 import torch
 
-_REQUIRED_CPU_FLAGS = {"avx2": ("avx2", "fma", "f16c")}
+_REQUIRED_CPU_FLAGS = {
+    "avx2": ("avx2", "fma", "f16c"),
+    "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"),
+}
 
 
 def _cpu_flags() -> set[str]:
@@ -31,7 +34,7 @@ def _check_cpu(isa: str) -> None:
     if missing:
         raise RuntimeError(
             f"torch_pagedkv was built for {isa} but this CPU lacks {missing}; rebuild with "
-            "PAGEDKV_CPU_ISA=generic (or native)")
+            "PAGEDKV_CPU_ISA=avx2 (or generic)")
 
 
 def load() -> str:

@@ -11,7 +11,7 @@
 #pragma once
 
 #include "cpu/attention_cpu.h"
-#include "cpu/vec8.h"
+#include "cpu/vec.h"
 
 #include <ATen/Parallel.h>
 
@@ -22,8 +22,16 @@
 
 namespace pagedkv::cpu {
 
-// Scores of NQ query vectors (q, row stride ld) against n cache rows (k, row stride
-// k_stride): s[v * s_ld + j] = q_v . k_j.
+// Loads the vector of cache row r starting at element d, zero-filled past the head size
+// (only possible when the head size is not a multiple of the vector width).
+template <int HEAD, typename cache_t>
+inline Vec load_chunk(const Loader<cache_t>& load, const cache_t* r, int64_t d, int64_t D) {
+  if constexpr (HEAD != 0 && HEAD % kVec == 0) return load(r + d);
+  return d + kVec <= D ? load(r + d) : load.tail(r + d, int(D - d));
+}
+
+// Scores of NQ query vectors (q, row stride ld, zero-padded to a whole vector) against
+// n cache rows (k, row stride k_stride): s[v * s_ld + j] = q_v . k_j.
 template <int NQ, int HEAD, typename cache_t>
 inline void qk_scores(const float* q, int64_t ld, const cache_t* k, int64_t k_stride, int n,
                       int64_t head_size, const Loader<cache_t>& load, float* s, int64_t s_ld) {
@@ -33,14 +41,15 @@ inline void qk_scores(const float* q, int64_t ld, const cache_t* k, int64_t k_st
     Vec acc[NQ];
     for (int v = 0; v < NQ; ++v) acc[v] = Vec(0.f);
     for (int64_t d = 0; d < D; d += kVec) {
-      const Vec kv = load(kr + d);
+      const Vec kv = load_chunk<HEAD>(load, kr, d, D);
       for (int v = 0; v < NQ; ++v) acc[v] = at::vec::fmadd(Vec::loadu(q + v * ld + d), kv, acc[v]);
     }
     for (int v = 0; v < NQ; ++v) s[v * s_ld + j] = hsum(acc[v]);
   }
 }
 
-// acc_v += sum_j p[v * p_ld + j] * v_j for NQ vectors over n cache rows.
+// acc_v += sum_j p[v * p_ld + j] * v_j for NQ vectors over n cache rows (acc rows padded
+// to a whole vector; the padding stays zero).
 template <int NQ, int HEAD, typename cache_t>
 inline void pv_accumulate(float* acc, int64_t ld, const float* p, int64_t p_ld, const cache_t* vrow,
                           int64_t v_stride, int n, int64_t head_size, const Loader<cache_t>& load) {
@@ -49,7 +58,7 @@ inline void pv_accumulate(float* acc, int64_t ld, const float* p, int64_t p_ld, 
     Vec a[NQ];
     for (int v = 0; v < NQ; ++v) a[v] = Vec::loadu(acc + v * ld + d);
     for (int j = 0; j < n; ++j) {
-      const Vec vv = load(vrow + j * v_stride + d);
+      const Vec vv = load_chunk<HEAD>(load, vrow + j * v_stride, d, D);
       for (int v = 0; v < NQ; ++v) a[v] = at::vec::fmadd(Vec(p[v * p_ld + j]), vv, a[v]);
     }
     for (int v = 0; v < NQ; ++v) a[v].store(acc + v * ld + d);
@@ -88,6 +97,7 @@ inline void for_vector_groups(int nv, F&& f) {
 template <typename q_t, typename cache_t, int HEAD, int BLOCK>
 void attention_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it, std::vector<float>& scratch) {
   const int64_t D = HEAD ? HEAD : a.head_size;
+  const int64_t DP = (D + kVec - 1) / kVec * kVec;   // padded query/accumulator row
   const int64_t BS = BLOCK ? BLOCK : a.block_size;
   const int64_t SP = (BS + kVec - 1) / kVec * kVec;  // padded score row
   const int G = a.num_heads / a.num_kv_heads;
@@ -101,18 +111,19 @@ void attention_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it, std::v
   auto row_of = [&](int v) { return it.row_begin + (v % NVH) / G; };
   auto head_of = [&](int v) { return (it.kv_head_begin + v / NVH) * G + v % G; };
 
-  scratch.resize(size_t(NV) * (2 * D + SP + 2));
-  float* qf = scratch.data();  // [NV][D] query * scale * k_scale
-  float* acc = qf + NV * D;    // [NV][D] unnormalized output
-  float* s = acc + NV * D;     // [NV][SP] scores, then probabilities
+  scratch.resize(size_t(NV) * (2 * DP + SP + 2));
+  float* qf = scratch.data();  // [NV][DP] query * scale * k_scale
+  float* acc = qf + NV * DP;   // [NV][DP] unnormalized output
+  float* s = acc + NV * DP;    // [NV][SP] scores, then probabilities
   float* m = s + NV * SP;      // running max
   float* l = m + NV;           // running sum
 
   const float qmul = a.scale * a.k_scale;
   for (int v = 0; v < NV; ++v) {
     const q_t* qr = a.query + (q0 + row_of(v)) * a.q_stride_tok + head_of(v) * a.q_stride_head;
-    for (int64_t d = 0; d < D; ++d) qf[v * D + d] = static_cast<float>(qr[d]) * qmul;
-    std::fill(acc + v * D, acc + (v + 1) * D, 0.f);
+    for (int64_t d = 0; d < D; ++d) qf[v * DP + d] = static_cast<float>(qr[d]) * qmul;
+    std::fill(qf + v * DP + D, qf + (v + 1) * DP, 0.f);
+    std::fill(acc + v * DP, acc + (v + 1) * DP, 0.f);
     m[v] = -std::numeric_limits<float>::infinity();
     l[v] = 0.f;
   }
@@ -148,7 +159,7 @@ void attention_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it, std::v
       for (int h = 0; h < nkv; ++h) {
         for_vector_groups(NVH, [&](int v0, auto nq) {
           const int v = h * NVH + v0;
-          qk_scores<decltype(nq)::value, HEAD>(qf + v * D, D, kb + j * stride + h * D, stride, 1,
+          qk_scores<decltype(nq)::value, HEAD>(qf + v * DP, DP, kb + j * stride + h * D, stride, 1,
                                                D, load, s + v * SP + j, SP);
         });
       }
@@ -199,7 +210,7 @@ void attention_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it, std::v
       m[v] = m_new;
       if (alpha != 1.f) {
         const Vec av(alpha);
-        for (int64_t d = 0; d < D; d += kVec) (Vec::loadu(acc + v * D + d) * av).store(acc + v * D + d);
+        for (int64_t d = 0; d < DP; d += kVec) (Vec::loadu(acc + v * DP + d) * av).store(acc + v * DP + d);
       }
     }
 
@@ -208,7 +219,7 @@ void attention_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it, std::v
       for (int h = 0; h < nkv; ++h) {
         for_vector_groups(NVH, [&](int v0, auto nq) {
           const int v = h * NVH + v0;
-          pv_accumulate<decltype(nq)::value, HEAD>(acc + v * D, D, s + v * SP + j, SP,
+          pv_accumulate<decltype(nq)::value, HEAD>(acc + v * DP, DP, s + v * SP + j, SP,
                                                    vb + j * stride + h * D, stride, nj, D, load);
         });
       }
@@ -218,7 +229,7 @@ void attention_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it, std::v
   for (int v = 0; v < NV; ++v) {
     q_t* o = a.out + ((q0 + row_of(v)) * a.num_heads + head_of(v)) * D;
     const float inv = a.v_scale / l[v];
-    for (int64_t d = 0; d < D; ++d) o[d] = static_cast<q_t>(acc[v * D + d] * inv);
+    for (int64_t d = 0; d < D; ++d) o[d] = static_cast<q_t>(acc[v * DP + d] * inv);
   }
 }
 

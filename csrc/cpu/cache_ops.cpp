@@ -2,7 +2,7 @@
 // Every check (index ranges included) runs before the first write.
 #include "checks.h"
 #include "cpu/ops_cpu.h"
-#include "cpu/vec8.h"
+#include "cpu/vec.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
