@@ -18,6 +18,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace pagedkv::cpu {
@@ -49,12 +51,34 @@ inline void qk_scores(const float* q, int64_t ld, const cache_t* k, int64_t k_st
 }
 
 // acc_v += sum_j p[v * p_ld + j] * v_j for NQ vectors over n cache rows (acc rows padded
-// to a whole vector; the padding stays zero).
+// to a whole vector; the padding stays zero). Two vectors of the head dim at a time stay
+// in registers across all n rows, so each probability is broadcast once per pair.
 template <int NQ, int HEAD, typename cache_t>
 inline void pv_accumulate(float* acc, int64_t ld, const float* p, int64_t p_ld, const cache_t* vrow,
                           int64_t v_stride, int n, int64_t head_size, const Loader<cache_t>& load) {
   const int64_t D = HEAD ? HEAD : head_size;
-  for (int64_t d = 0; d < D; d += kVec) {
+  int64_t d = 0;
+  for (; d + 2 * kVec <= D; d += 2 * kVec) {
+    Vec a0[NQ], a1[NQ];
+    for (int v = 0; v < NQ; ++v) {
+      a0[v] = Vec::loadu(acc + v * ld + d);
+      a1[v] = Vec::loadu(acc + v * ld + d + kVec);
+    }
+    for (int j = 0; j < n; ++j) {
+      const cache_t* r = vrow + j * v_stride + d;
+      const Vec v0 = load(r), v1 = load(r + kVec);
+      for (int v = 0; v < NQ; ++v) {
+        const Vec pj(p[v * p_ld + j]);
+        a0[v] = at::vec::fmadd(pj, v0, a0[v]);
+        a1[v] = at::vec::fmadd(pj, v1, a1[v]);
+      }
+    }
+    for (int v = 0; v < NQ; ++v) {
+      a0[v].store(acc + v * ld + d);
+      a1[v].store(acc + v * ld + d + kVec);
+    }
+  }
+  for (; d < D; d += kVec) {
     Vec a[NQ];
     for (int v = 0; v < NQ; ++v) a[v] = Vec::loadu(acc + v * ld + d);
     for (int j = 0; j < n; ++j) {
@@ -77,9 +101,39 @@ inline void prefetch_rows(const cache_t* rows, int64_t stride, int n, int64_t he
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+// bf16 query and cache: vdpbf16ps multiplies 32 bf16 pairs and accumulates in float32,
+// skipping the widening of K (the products of two bf16 values are exact in float32).
+constexpr bool kBf16Dot = true;
+
+// s[v * s_ld + j] = mul * (q_v . k_j) for NQ bf16 query rows (row stride ld elements,
+// zero-padded to a multiple of 32) against n bf16 cache rows.
+template <int NQ, int HEAD>
+inline void qk_scores_bf16(const uint16_t* q, int64_t ld, const c10::BFloat16* k, int64_t k_stride,
+                           int n, int64_t head_size, float mul, float* s, int64_t s_ld) {
+  const int64_t D = HEAD ? HEAD : head_size;
+  for (int j = 0; j < n; ++j) {
+    const c10::BFloat16* kr = k + j * k_stride;
+    __m512 acc[NQ];
+    for (int v = 0; v < NQ; ++v) acc[v] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 32) {
+      const __m512i kv = d + 32 <= D ? _mm512_loadu_si512(kr + d)
+                                     : _mm512_maskz_loadu_epi16(__mmask32((1ull << (D - d)) - 1), kr + d);
+      for (int v = 0; v < NQ; ++v)
+        acc[v] = _mm512_dpbf16_ps(acc[v], (__m512bh)_mm512_loadu_si512(q + v * ld + d), (__m512bh)kv);
+    }
+    for (int v = 0; v < NQ; ++v) s[v * s_ld + j] = _mm512_reduce_add_ps(acc[v]) * mul;
+  }
+}
+#else
+constexpr bool kBf16Dot = false;
+#endif
+
 // Value rows folded into the accumulators per pass: a few rows at once keep the
 // accumulator loads/stores amortized while the rows still stream front to back.
-constexpr int kPvTokens = 4;
+constexpr int kPvTokens = 16;
+// How many blocks ahead the rows are prefetched.
+constexpr int kPrefetchBlocks = 2;
 
 // Runs f(Int<NQ>) on groups of at most 4 query vectors (a register tile).
 template <typename F>
@@ -119,6 +173,16 @@ void attention_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it, std::v
   float* l = m + NV;           // running sum
 
   const float qmul = a.scale * a.k_scale;
+  constexpr bool bf16_dot = kBf16Dot && std::is_same_v<cache_t, c10::BFloat16> &&
+                            std::is_same_v<q_t, c10::BFloat16>;
+  const int64_t DQ = (D + 31) / 32 * 32;  // bf16 query row, zero-padded for vdpbf16ps
+  std::vector<uint16_t> qb(bf16_dot ? size_t(NV) * DQ : 0);
+  if constexpr (bf16_dot) {
+    for (int v = 0; v < NV; ++v) {
+      const q_t* qr = a.query + (q0 + row_of(v)) * a.q_stride_tok + head_of(v) * a.q_stride_head;
+      std::memcpy(qb.data() + v * DQ, qr, D * sizeof(uint16_t));
+    }
+  }
   for (int v = 0; v < NV; ++v) {
     const q_t* qr = a.query + (q0 + row_of(v)) * a.q_stride_tok + head_of(v) * a.q_stride_head;
     for (int64_t d = 0; d < D; ++d) qf[v * DP + d] = static_cast<float>(qr[d]) * qmul;
@@ -146,23 +210,40 @@ void attention_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it, std::v
     const int n = int(t1 - t0);
     const cache_t* kb = rows_at(a.key_cache, b, t0);
     const cache_t* vb = rows_at(a.value_cache, b, t0);
-    if (b < p_last / BS) {  // the next block arrives while this one is computed
-      const int64_t tn = (b + 1) * BS;
-      const int nn = int(std::min<int64_t>(BS, p_last + 1 - tn));
-      prefetch_rows(rows_at(a.key_cache, b + 1, tn), stride, nn, nkv * D);
-      prefetch_rows(rows_at(a.value_cache, b + 1, tn), stride, nn, nkv * D);
-    }
+    // The next block's rows are fetched one per row computed here, so the memory
+    // traffic overlaps the arithmetic (a burst of prefetches would stall instead).
+    const int64_t bn = b + kPrefetchBlocks;
+    const bool has_next = bn <= p_last / BS;
+    const int64_t tn = bn * BS;
+    const int nn = has_next ? int(std::min<int64_t>(BS, p_last + 1 - tn)) : 0;
+    const cache_t* next_k = has_next ? rows_at(a.key_cache, bn, tn) : nullptr;
+    const cache_t* next_v = has_next ? rows_at(a.value_cache, bn, tn) : nullptr;
 
     // Token-major sweeps: each cache row (all kv heads of the item) is read front to
-    // back, so the hardware prefetcher streams it.
+    // back.
     for (int j = 0; j < n; ++j) {
       for (int h = 0; h < nkv; ++h) {
+        if (j < nn) {
+          prefetch_rows(next_k + j * stride + h * D, stride, 1, D);
+          prefetch_rows(next_v + j * stride + h * D, stride, 1, D);
+        }
         for_vector_groups(NVH, [&](int v0, auto nq) {
           const int v = h * NVH + v0;
-          qk_scores<decltype(nq)::value, HEAD>(qf + v * DP, DP, kb + j * stride + h * D, stride, 1,
-                                               D, load, s + v * SP + j, SP);
+          if constexpr (bf16_dot) {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+            qk_scores_bf16<decltype(nq)::value, HEAD>(qb.data() + v * DQ, DQ, kb + j * stride + h * D,
+                                                      stride, 1, D, qmul, s + v * SP + j, SP);
+#endif
+          } else {
+            qk_scores<decltype(nq)::value, HEAD>(qf + v * DP, DP, kb + j * stride + h * D, stride, 1,
+                                                 D, load, s + v * SP + j, SP);
+          }
         });
       }
+    }
+    if (nn > n) {
+      prefetch_rows(next_k + n * stride, stride, nn - n, nkv * D);
+      prefetch_rows(next_v + n * stride, stride, nn - n, nkv * D);
     }
 
     for (int v = 0; v < NV; ++v) {
