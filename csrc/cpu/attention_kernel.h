@@ -38,7 +38,26 @@ template <int NQ, int HEAD, typename cache_t>
 inline void qk_scores(const float* q, int64_t ld, const cache_t* k, int64_t k_stride, int n,
                       int64_t head_size, const Loader<cache_t>& load, float* s, int64_t s_ld) {
   const int64_t D = HEAD ? HEAD : head_size;
-  for (int j = 0; j < n; ++j) {
+  int j = 0;
+  for (; j + 2 <= n; j += 2) {  // two rows at once: each query load feeds two FMAs
+    const cache_t* k0 = k + j * k_stride;
+    const cache_t* k1 = k0 + k_stride;
+    Vec a0[NQ], a1[NQ];
+    for (int v = 0; v < NQ; ++v) a0[v] = a1[v] = Vec(0.f);
+    for (int64_t d = 0; d < D; d += kVec) {
+      const Vec x0 = load_chunk<HEAD>(load, k0, d, D), x1 = load_chunk<HEAD>(load, k1, d, D);
+      for (int v = 0; v < NQ; ++v) {
+        const Vec qv = Vec::loadu(q + v * ld + d);
+        a0[v] = at::vec::fmadd(qv, x0, a0[v]);
+        a1[v] = at::vec::fmadd(qv, x1, a1[v]);
+      }
+    }
+    for (int v = 0; v < NQ; ++v) {
+      s[v * s_ld + j] = hsum(a0[v]);
+      s[v * s_ld + j + 1] = hsum(a1[v]);
+    }
+  }
+  for (; j < n; ++j) {
     const cache_t* kr = k + j * k_stride;
     Vec acc[NQ];
     for (int v = 0; v < NQ; ++v) acc[v] = Vec(0.f);
@@ -112,15 +131,38 @@ template <int NQ, int HEAD>
 inline void qk_scores_bf16(const uint16_t* q, int64_t ld, const c10::BFloat16* k, int64_t k_stride,
                            int n, int64_t head_size, float mul, float* s, int64_t s_ld) {
   const int64_t D = HEAD ? HEAD : head_size;
-  for (int j = 0; j < n; ++j) {
+  auto load_k = [&](const c10::BFloat16* r, int64_t d) {
+    if (HEAD != 0 && HEAD % 32 == 0) return _mm512_loadu_si512(r + d);
+    return d + 32 <= D ? _mm512_loadu_si512(r + d)
+                       : _mm512_maskz_loadu_epi16(__mmask32((1ull << (D - d)) - 1), r + d);
+  };
+  int j = 0;
+  for (; j + 2 <= n; j += 2) {  // two rows at once: each query load feeds two dot products
+    const c10::BFloat16* k0 = k + j * k_stride;
+    const c10::BFloat16* k1 = k0 + k_stride;
+    __m512 a0[NQ], a1[NQ];
+    for (int v = 0; v < NQ; ++v) a0[v] = a1[v] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 32) {
+      const __m512bh x0 = (__m512bh)load_k(k0, d), x1 = (__m512bh)load_k(k1, d);
+      for (int v = 0; v < NQ; ++v) {
+        const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + v * ld + d);
+        a0[v] = _mm512_dpbf16_ps(a0[v], qv, x0);
+        a1[v] = _mm512_dpbf16_ps(a1[v], qv, x1);
+      }
+    }
+    for (int v = 0; v < NQ; ++v) {
+      s[v * s_ld + j] = _mm512_reduce_add_ps(a0[v]) * mul;
+      s[v * s_ld + j + 1] = _mm512_reduce_add_ps(a1[v]) * mul;
+    }
+  }
+  for (; j < n; ++j) {
     const c10::BFloat16* kr = k + j * k_stride;
     __m512 acc[NQ];
     for (int v = 0; v < NQ; ++v) acc[v] = _mm512_setzero_ps();
     for (int64_t d = 0; d < D; d += 32) {
-      const __m512i kv = d + 32 <= D ? _mm512_loadu_si512(kr + d)
-                                     : _mm512_maskz_loadu_epi16(__mmask32((1ull << (D - d)) - 1), kr + d);
+      const __m512bh kv = (__m512bh)load_k(kr, d);
       for (int v = 0; v < NQ; ++v)
-        acc[v] = _mm512_dpbf16_ps(acc[v], (__m512bh)_mm512_loadu_si512(q + v * ld + d), (__m512bh)kv);
+        acc[v] = _mm512_dpbf16_ps(acc[v], (__m512bh)_mm512_loadu_si512(q + v * ld + d), kv);
     }
     for (int v = 0; v < NQ; ++v) s[v * s_ld + j] = _mm512_reduce_add_ps(acc[v]) * mul;
   }
@@ -221,22 +263,23 @@ void attention_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it, std::v
 
     // Token-major sweeps: each cache row (all kv heads of the item) is read front to
     // back.
-    for (int j = 0; j < n; ++j) {
+    for (int j = 0; j < n; j += 2) {
+      const int nj = std::min(2, n - j);
       for (int h = 0; h < nkv; ++h) {
-        if (j < nn) {
-          prefetch_rows(next_k + j * stride + h * D, stride, 1, D);
-          prefetch_rows(next_v + j * stride + h * D, stride, 1, D);
+        for (int t = j; t < j + nj && t < nn; ++t) {
+          prefetch_rows(next_k + t * stride + h * D, stride, 1, D);
+          prefetch_rows(next_v + t * stride + h * D, stride, 1, D);
         }
         for_vector_groups(NVH, [&](int v0, auto nq) {
           const int v = h * NVH + v0;
           if constexpr (bf16_dot) {
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
             qk_scores_bf16<decltype(nq)::value, HEAD>(qb.data() + v * DQ, DQ, kb + j * stride + h * D,
-                                                      stride, 1, D, qmul, s + v * SP + j, SP);
+                                                      stride, nj, D, qmul, s + v * SP + j, SP);
 #endif
           } else {
-            qk_scores<decltype(nq)::value, HEAD>(qf + v * DP, DP, kb + j * stride + h * D, stride, 1,
-                                                 D, load, s + v * SP + j, SP);
+            qk_scores<decltype(nq)::value, HEAD>(qf + v * DP, DP, kb + j * stride + h * D, stride,
+                                                 nj, D, load, s + v * SP + j, SP);
           }
         });
       }
