@@ -19,7 +19,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
 
 import torch
@@ -27,6 +26,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import torch_pagedkv as pk  # noqa: E402
 from torch_pagedkv import reference  # noqa: E402
+from torch_pagedkv.tuning.tune import median_us  # noqa: E402
 
 HEADS, KV_HEADS, HEAD, BLOCK = 32, 8, 128, 16
 DECODE_SHAPES = [(64, 4096), (8, 32768)]
@@ -34,18 +34,7 @@ CACHE_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 
 
 def median_s(fn, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+    return median_us(fn, repeats, warmup) / 1e6
 
 
 def random_cache(num_blocks, cache_dtype, gen):

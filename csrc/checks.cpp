@@ -118,6 +118,11 @@ bool debug_checks_enabled() {
   return on;
 }
 
+bool generic_kernels_forced() {
+  const char* v = std::getenv("PAGEDKV_GENERIC_KERNELS");
+  return v != nullptr && v[0] == '1';
+}
+
 WriteDims validate_reshape_and_cache(const at::Tensor& key, const at::Tensor& value,
                                      const at::Tensor& key_cache, const at::Tensor& value_cache,
                                      const at::Tensor& slot_mapping,

@@ -16,6 +16,9 @@ namespace pagedkv {
 
 bool is_fp8(at::ScalarType t);
 bool debug_checks_enabled();  // PAGEDKV_DEBUG=1
+// PAGEDKV_GENERIC_KERNELS=1 selects the generic (unspecialized) kernels. Read per call so
+// a benchmark can compare specialized and generic kernels in one process.
+bool generic_kernels_forced();
 
 struct CacheDims {
   int64_t num_blocks, block_size, num_kv_heads, head_size;

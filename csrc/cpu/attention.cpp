@@ -62,12 +62,6 @@ QueryKind query_kind(at::ScalarType t) {
   }
 }
 
-bool generic_kernels_forced() {
-  // Read per call so a benchmark can compare specialized and generic kernels in one process.
-  const char* v = std::getenv("PAGEDKV_GENERIC_KERNELS");
-  return v != nullptr && v[0] == '1';
-}
-
 }  // namespace
 
 at::Tensor paged_attention(const at::Tensor& query_in, const at::Tensor& key_cache,

@@ -1,27 +1,10 @@
 // The CPU kernels' ATen entry points, registered in register_cpu.cpp.
 #pragma once
 
-#include <ATen/core/Tensor.h>
-#include <c10/util/Optional.h>
+#include "backend_ops.h"
 
 namespace pagedkv::cpu {
 
-void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
-                       at::Tensor& value_cache, const at::Tensor& slot_mapping,
-                       const std::optional<at::Tensor>& k_scale,
-                       const std::optional<at::Tensor>& v_scale);
-
-at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
-                           const at::Tensor& value_cache, const at::Tensor& block_table,
-                           const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
-                           double scale, const std::optional<at::Tensor>& alibi_slopes,
-                           int64_t sliding_window, double softcap,
-                           const std::optional<at::Tensor>& k_scale,
-                           const std::optional<at::Tensor>& v_scale);
-
-void copy_blocks(at::TensorList key_caches, at::TensorList value_caches,
-                 const at::Tensor& block_mapping);
-
-void swap_blocks(const at::Tensor& src, at::Tensor& dst, const at::Tensor& block_mapping);
+PAGEDKV_DECLARE_BACKEND_OPS()
 
 }  // namespace pagedkv::cpu

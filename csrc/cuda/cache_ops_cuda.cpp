@@ -39,12 +39,6 @@ at::ScalarType scalar_type_of(DType d) {
   }
 }
 
-bool generic_kernels_forced() {
-  // Read per call so a benchmark can compare specialized and generic kernels in one process.
-  const char* v = std::getenv("PAGEDKV_GENERIC_KERNELS");
-  return v != nullptr && v[0] == '1';
-}
-
 bool debug_range_checks() {
   // Range checks copy index tensors to the host (a synchronization), which a capturing
   // stream forbids: during capture they are skipped and the kernels' own bounds checks

@@ -11,6 +11,7 @@
 
 #include <stdexcept>
 
+#include "checks.h"
 #include "cuda/launch_config.h"
 #include "cuda/ops_cuda.h"
 
