@@ -48,7 +48,9 @@ def extension():
     # Read at import time to refuse loading an AVX2 build on a CPU without AVX2.
     with open(os.path.join(ROOT, "torch_pagedkv", "_C.isa"), "w") as f:
         f.write(isa + "\n")
-    cxx = ["-O3", "-g0", "-fopenmp", "-Wno-unknown-pragmas", f'-DPAGEDKV_CPU_ISA="{isa}"'] + CPU_ISA_FLAGS[isa]
+    cxx = ["-O3", "-g0", "-fopenmp", "-Wno-unknown-pragmas",
+           # GCC 12 flags its own AVX-512 intrinsic headers (thousands of lines of noise)
+           "-Wno-maybe-uninitialized", f'-DPAGEDKV_CPU_ISA="{isa}"'] + CPU_ISA_FLAGS[isa]
     common = dict(
         name="torch_pagedkv._C",
         include_dirs=[os.path.join(ROOT, "csrc")],
