@@ -36,13 +36,16 @@ def timed(fn) -> float:
 
 
 def interleaved(variants: dict, rounds: int) -> dict:
-    """Median seconds per variant, each round running every variant once."""
+    """Median seconds per variant, each round running every variant once. The order
+    rotates every round: a variant timed right after the copy (which leaves hundreds of
+    MB of dirty lines to write back) would otherwise always pay for it."""
     for fn in variants.values():
         fn()  # warm up (and compile)
     times = {k: [] for k in variants}
-    for _ in range(rounds):
-        for name, fn in variants.items():
-            times[name].append(timed(fn))
+    names = list(variants)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(timed(variants[name]))
     return {k: statistics.median(v) for k, v in times.items()}
 
 
