@@ -234,11 +234,12 @@ launches are about as fast or slightly faster (each launch's work is more unifor
 whole model step on this CPU the per-token matmuls dominate, so the split costs only the
 second step's fixed overhead (weights read again, one more launch per op): even on an
 idle machine, much dearer on a loaded one, where every OpenMP region waits for a
-descheduled thread. Case study 3 counts the K/V bytes a decode reads once; on this AVX2
-core the kernel is compute-bound before it is bandwidth-bound (bfloat16 more so: it
-converts every element), so it reaches a fraction of the read bandwidth timed in the same
-rounds. Absolute numbers move 2x with the machine's load; the ratios within a run are what
-the interleaved rounds protect."""
+descheduled thread. Case study 3 counts the K/V bytes a decode reads once. A batch of 4
+gives each of the 2 threads whole sequences, and one core streams cache blocks scattered
+at random only as fast as its outstanding misses allow (the kernel prefetches the rows it
+reads next, two blocks ahead), so the kernel reaches a fraction of the copy bandwidth
+timed in the same rounds. Absolute numbers move 2x with the machine's load and memory
+bandwidth mode; the ratios within a run are what the interleaved rounds protect."""
 
 
 def table(r: dict) -> str:
