@@ -45,9 +45,6 @@ def extension():
     isa = os.environ.get("PAGEDKV_CPU_ISA", "avx2").lower()
     if isa not in CPU_ISA_FLAGS:
         raise RuntimeError(f"PAGEDKV_CPU_ISA must be one of {sorted(CPU_ISA_FLAGS)}, got {isa!r}")
-    # Read at import time to refuse loading an AVX2 build on a CPU without AVX2.
-    with open(os.path.join(ROOT, "torch_pagedkv", "_C.isa"), "w") as f:
-        f.write(isa + "\n")
     cxx = ["-O3", "-g0", "-fopenmp", "-Wno-unknown-pragmas",
            # GCC 12 flags its own AVX-512 intrinsic headers (thousands of lines of noise)
            "-Wno-maybe-uninitialized", f'-DPAGEDKV_CPU_ISA="{isa}"'] + CPU_ISA_FLAGS[isa]
@@ -70,8 +67,20 @@ def extension():
         **common)
 
 
+class BuildExt(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+    """Writes _C.isa beside the built library (in the tree with --inplace, in the wheel
+    otherwise): torch_pagedkv reads it at import to refuse a build its CPU cannot run."""
+
+    def run(self):
+        super().run()
+        isa = os.environ.get("PAGEDKV_CPU_ISA", "avx2").lower() + "\n"
+        for ext in self.extensions:  # the in-tree path with --inplace, build/lib otherwise
+            with open(os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), "_C.isa"), "w") as f:
+                f.write(isa)
+
+
 setup(
     ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )
