@@ -84,7 +84,7 @@ at::Tensor paged_attention(const at::Tensor& query_in, const at::Tensor& key_cac
   const at::Tensor alibi = alibi_slopes.has_value() ? alibi_slopes->contiguous() : at::Tensor();
   const bool fp8 = is_fp8(key_cache.scalar_type());
 
-  AttnArgsRaw a;
+  AttnArgs a;
   a.query = query.data_ptr();
   a.q_stride_tok = query.stride(0);
   a.q_stride_head = query.stride(1);

@@ -4,7 +4,7 @@
 
 namespace pagedkv::cpu {
 
-void attention_float(const AttnArgsRaw& raw, const std::vector<WorkItem>& items, bool generic) {
+void attention_float(const AttnArgs& raw, const std::vector<WorkItem>& items, bool generic) {
   const TypedArgs<float, float> a(raw);
   dispatch_shape(a.head_size, a.block_size, generic, [&](auto head, auto block) {
     attention_cpu<float, float, decltype(head)::value, decltype(block)::value>(a, items);

@@ -7,7 +7,7 @@ namespace pagedkv::cpu {
 namespace {
 
 template <typename q_t>
-void run_fp8(const AttnArgsRaw& raw, const std::vector<WorkItem>& items, CacheKind c) {
+void run_fp8(const AttnArgs& raw, const std::vector<WorkItem>& items, CacheKind c) {
   if (c == CacheKind::kFp8E4m3) {
     attention_cpu<q_t, c10::Float8_e4m3fn, 0, 0>(TypedArgs<q_t, c10::Float8_e4m3fn>(raw), items);
   } else {
@@ -29,7 +29,7 @@ const float* fp8_table(bool e4m3) {
   return tables.data() + (e4m3 ? 0 : 256);
 }
 
-void attention_fp8(const AttnArgsRaw& raw, const std::vector<WorkItem>& items, QueryKind q,
+void attention_fp8(const AttnArgs& raw, const std::vector<WorkItem>& items, QueryKind q,
                    CacheKind c) {
   switch (q) {
     case QueryKind::kFloat: run_fp8<float>(raw, items, c); break;

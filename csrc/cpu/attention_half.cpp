@@ -4,7 +4,7 @@
 
 namespace pagedkv::cpu {
 
-void attention_half(const AttnArgsRaw& raw, const std::vector<WorkItem>& items, bool generic) {
+void attention_half(const AttnArgs& raw, const std::vector<WorkItem>& items, bool generic) {
   const TypedArgs<c10::Half, c10::Half> a(raw);
   dispatch_shape(a.head_size, a.block_size, generic, [&](auto head, auto block) {
     attention_cpu<c10::Half, c10::Half, decltype(head)::value, decltype(block)::value>(a, items);

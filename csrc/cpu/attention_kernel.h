@@ -171,8 +171,8 @@ inline void qk_scores_bf16(const uint16_t* q, int64_t ld, const c10::BFloat16* k
 constexpr bool kBf16Dot = false;
 #endif
 
-// Value rows folded into the accumulators per pass: a few rows at once keep the
-// accumulator loads/stores amortized while the rows still stream front to back.
+// Value rows folded into the accumulators per pass (a whole block of 16): the
+// accumulators stay in registers across them.
 constexpr int kPvTokens = 16;
 // How many blocks ahead the rows are prefetched.
 constexpr int kPrefetchBlocks = 2;
@@ -206,6 +206,9 @@ void attention_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it, std::v
   const int64_t base_pos = a.seq_lens[it.seq] - q_len;  // position of query row 0
   auto row_of = [&](int v) { return it.row_begin + (v % NVH) / G; };
   auto head_of = [&](int v) { return (it.kv_head_begin + v / NVH) * G + v % G; };
+  auto q_row = [&](int v) {
+    return a.q() + (q0 + row_of(v)) * a.q_stride_tok + head_of(v) * a.q_stride_head;
+  };
 
   scratch.resize(size_t(NV) * (2 * DP + SP + 2));
   float* qf = scratch.data();  // [NV][DP] query * scale * k_scale
@@ -221,12 +224,11 @@ void attention_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it, std::v
   std::vector<uint16_t> qb(bf16_dot ? size_t(NV) * DQ : 0);
   if constexpr (bf16_dot) {
     for (int v = 0; v < NV; ++v) {
-      const q_t* qr = a.query + (q0 + row_of(v)) * a.q_stride_tok + head_of(v) * a.q_stride_head;
-      std::memcpy(qb.data() + v * DQ, qr, D * sizeof(uint16_t));
+      std::memcpy(qb.data() + v * DQ, q_row(v), D * sizeof(uint16_t));
     }
   }
   for (int v = 0; v < NV; ++v) {
-    const q_t* qr = a.query + (q0 + row_of(v)) * a.q_stride_tok + head_of(v) * a.q_stride_head;
+    const q_t* qr = q_row(v);
     for (int64_t d = 0; d < D; ++d) qf[v * DP + d] = static_cast<float>(qr[d]) * qmul;
     std::fill(qf + v * DP + D, qf + (v + 1) * DP, 0.f);
     std::fill(acc + v * DP, acc + (v + 1) * DP, 0.f);
@@ -250,16 +252,16 @@ void attention_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it, std::v
     const int64_t t0 = std::max(b * BS, k_lo);
     const int64_t t1 = std::min((b + 1) * BS, p_last + 1);
     const int n = int(t1 - t0);
-    const cache_t* kb = rows_at(a.key_cache, b, t0);
-    const cache_t* vb = rows_at(a.value_cache, b, t0);
+    const cache_t* kb = rows_at(a.k_cache(), b, t0);
+    const cache_t* vb = rows_at(a.v_cache(), b, t0);
     // The next block's rows are fetched one per row computed here, so the memory
     // traffic overlaps the arithmetic (a burst of prefetches would stall instead).
     const int64_t bn = b + kPrefetchBlocks;
     const bool has_next = bn <= p_last / BS;
     const int64_t tn = bn * BS;
     const int nn = has_next ? int(std::min<int64_t>(BS, p_last + 1 - tn)) : 0;
-    const cache_t* next_k = has_next ? rows_at(a.key_cache, bn, tn) : nullptr;
-    const cache_t* next_v = has_next ? rows_at(a.value_cache, bn, tn) : nullptr;
+    const cache_t* next_k = has_next ? rows_at(a.k_cache(), bn, tn) : nullptr;
+    const cache_t* next_v = has_next ? rows_at(a.v_cache(), bn, tn) : nullptr;
 
     // Token-major sweeps: each cache row (all kv heads of the item) is read front to
     // back.
@@ -351,7 +353,7 @@ void attention_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it, std::v
   }
 
   for (int v = 0; v < NV; ++v) {
-    q_t* o = a.out + ((q0 + row_of(v)) * a.num_heads + head_of(v)) * D;
+    q_t* o = a.o() + ((q0 + row_of(v)) * a.num_heads + head_of(v)) * D;
     const float inv = a.v_scale / l[v];
     for (int64_t d = 0; d < D; ++d) o[d] = static_cast<q_t>(acc[v * DP + d] * inv);
   }
