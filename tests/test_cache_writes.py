@@ -125,3 +125,23 @@ def test_swap_blocks(src_device, dst_device, cache_dtype):
     reference.swap_blocks(src.cpu(), want, mapping)
     pk.swap_blocks(src, dst, mapping)
     assert torch.equal(dst.cpu().view(torch.uint8), want.view(torch.uint8))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cache_dtype", FP8_DTYPES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_fp8_rounding_ties_and_subnormals(device, cache_dtype, dtype):
+    """Every fp8 value, every midpoint between neighbours (exact ties: round to even), values
+    just beside them, subnormals, saturation and NaN: stored bytes equal the reference's."""
+    values = torch.arange(256, dtype=torch.uint8).view(cache_dtype).float()
+    values = values[torch.isfinite(values)].unique().sort().values
+    ties = (values[1:] + values[:-1]) / 2
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randn(4000, generator=g) * torch.exp2(torch.randint(-24, 18, (4000,), generator=g).float())
+    x = torch.cat([values, ties, ties * (1 + 1e-6), ties * (1 - 1e-6), spread,
+                   torch.tensor([float("inf"), -float("inf"), float("nan"), 1e30, -1e-45])])
+    x = torch.cat([x, torch.zeros(-x.numel() % 64)]).view(-1, 1, 64).to(dtype).to(device)
+    for scale in (1.0, 0.37):
+        kc = torch.zeros(x.shape[0], 1, 1, 64, dtype=cache_dtype, device=device)
+        s = torch.tensor([scale], device=device)
+        assert_same_write(x, x, kc, kc.clone(), torch.arange(x.shape[0], device=device), s, s)

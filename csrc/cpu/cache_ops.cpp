@@ -4,7 +4,6 @@
 #include "cpu/ops_cpu.h"
 #include "cpu/vec.h"
 
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
@@ -28,7 +27,11 @@ void write_fp8_rows(const at::Tensor& src, at::Tensor& cache, const int64_t* slo
       if (slots[i] < 0) continue;
       const in_t* x = s + i * stride;
       fp8_t* y = c + slots[i] * row;
-      for (int64_t j = 0; j < row; ++j) y[j] = quantize_fp8<fp8_t>(static_cast<float>(x[j]), scale);
+      int64_t j = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+      for (; j + kVec <= row; j += kVec) quantize_fp8_x16(load_vec(x + j), scale, y + j);
+#endif
+      for (; j < row; ++j) y[j] = quantize_fp8<fp8_t>(static_cast<float>(x[j]), scale);
     }
   });
 }
@@ -49,10 +52,16 @@ void write_rows(const at::Tensor& src, at::Tensor& cache, const int64_t* slots,
   }
   const float scale = scale_t.has_value() ? scale_t->item<float>() : 1.f;
   const bool e4m3 = cache.scalar_type() == at::ScalarType::Float8_e4m3fn;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "write_fp8", [&] {
-    if (e4m3) write_fp8_rows<scalar_t, c10::Float8_e4m3fn>(src, cache, slots, scale);
-    else write_fp8_rows<scalar_t, c10::Float8_e5m2>(src, cache, slots, scale);
-  });
+  auto run = [&](auto in) {  // the input dtype: float32, float16 or bfloat16 (validated)
+    using in_t = decltype(in);
+    if (e4m3) write_fp8_rows<in_t, c10::Float8_e4m3fn>(src, cache, slots, scale);
+    else write_fp8_rows<in_t, c10::Float8_e5m2>(src, cache, slots, scale);
+  };
+  switch (src.scalar_type()) {
+    case at::kHalf: run(c10::Half{}); break;
+    case at::kBFloat16: run(c10::BFloat16{}); break;
+    default: run(float{}); break;
+  }
 }
 
 // Copies (src, dst) block pairs from one contiguous cache to another.

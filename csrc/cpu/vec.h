@@ -158,4 +158,49 @@ inline fp8_t quantize_fp8(float x, float scale) {
   return fp8_t(y);
 }
 
+// Bit layout of an fp8 format for the vector quantizer: the same steps as c10's scalar
+// fp8 conversion (round to nearest even, subnormals through a float add), so both write
+// identical bytes.
+template <typename fp8_t>
+struct Fp8Bits;
+template <>
+struct Fp8Bits<c10::Float8_e4m3fn> {
+  static constexpr uint32_t kMinNormal = 121u << 23, kDenormMask = 141u << 23;
+  static constexpr int kMantShift = 20;
+  static constexpr int32_t kBiasAdd = int32_t((7 - 127) * (1 << 23)) + 0x7FFFF;
+};
+template <>
+struct Fp8Bits<c10::Float8_e5m2> {
+  static constexpr uint32_t kMinNormal = 113u << 23, kDenormMask = 134u << 23;
+  static constexpr int kMantShift = 21;
+  static constexpr int32_t kBiasAdd = int32_t((15 - 127) * (1 << 23)) + 0xFFFFF;
+};
+
+#if defined(CPU_CAPABILITY_AVX512)
+// quantize_fp8 on 16 lanes: x / scale, NaN -> 0, saturated, rounded; 16 bytes out.
+template <typename fp8_t>
+inline void quantize_fp8_x16(const Vec& x, float scale, fp8_t* out) {
+  using B = Fp8Bits<fp8_t>;
+  const float fmax = static_cast<float>(std::numeric_limits<fp8_t>::max());
+  __m512 y = _mm512_div_ps(x, _mm512_set1_ps(scale));
+  const __mmask16 nan = _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
+  y = _mm512_min_ps(_mm512_max_ps(y, _mm512_set1_ps(-fmax)), _mm512_set1_ps(fmax));
+  y = _mm512_mask_mov_ps(y, nan, _mm512_setzero_ps());
+  const __m512i bits = _mm512_castps_si512(y);
+  const __m512i sign = _mm512_and_si512(bits, _mm512_set1_epi32(int32_t(0x80000000u)));
+  const __m512i mag = _mm512_xor_si512(bits, sign);
+  const __mmask16 sub = _mm512_cmplt_epu32_mask(mag, _mm512_set1_epi32(int32_t(B::kMinNormal)));
+  const __m512i dmask = _mm512_set1_epi32(int32_t(B::kDenormMask));
+  const __m512i subnormal = _mm512_sub_epi32(
+      _mm512_castps_si512(_mm512_add_ps(_mm512_castsi512_ps(mag), _mm512_castsi512_ps(dmask))),
+      dmask);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(mag, B::kMantShift), _mm512_set1_epi32(1));
+  __m512i normal = _mm512_add_epi32(_mm512_add_epi32(mag, _mm512_set1_epi32(B::kBiasAdd)), odd);
+  normal = _mm512_srli_epi32(normal, B::kMantShift);
+  __m512i r = _mm512_mask_blend_epi32(sub, normal, subnormal);
+  r = _mm512_or_si512(r, _mm512_srli_epi32(sign, 24));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_cvtepi32_epi8(r));
+}
+#endif
+
 }  // namespace pagedkv::cpu
