@@ -26,9 +26,11 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import torch_pagedkv as pk  # noqa: E402
 from torch_pagedkv import reference  # noqa: E402
-from torch_pagedkv.tuning.tune import median_us  # noqa: E402
+from torch_pagedkv.tuning.tune import (  # noqa: E402
+    NUM_HEADS, NUM_KV_HEADS, attention_workload, median_us, random_cache as tuned_random_cache)
 
-HEADS, KV_HEADS, HEAD, BLOCK = 32, 8, 128, 16
+HEADS, KV_HEADS = NUM_HEADS, NUM_KV_HEADS  # the tuner's workload shape
+HEAD, BLOCK = 128, 16
 DECODE_SHAPES = [(64, 4096), (8, 32768)]
 CACHE_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 
@@ -38,32 +40,15 @@ def median_s(fn, repeats: int, warmup: int = 3) -> float:
 
 
 def random_cache(num_blocks, cache_dtype, gen):
-    x = torch.randn(num_blocks, BLOCK, KV_HEADS, HEAD, device="cuda", generator=gen)
-    if cache_dtype in reference.FP8_DTYPES:
-        return reference.quantize(x, cache_dtype, None)
-    return x.to(cache_dtype)
+    return tuned_random_cache(num_blocks, BLOCK, HEAD, cache_dtype, gen)
 
 
 def attention_setup(seqs, cache_dtype, gen):
-    """paged_attention arguments for sequences (q_len, seq_len), blocks scattered."""
-    blocks = [math.ceil(s / BLOCK) for _, s in seqs]
-    num_blocks = sum(blocks)
-    kc, vc = random_cache(num_blocks, cache_dtype, gen), random_cache(num_blocks, cache_dtype, gen)
-    perm = torch.randperm(num_blocks, device="cuda", generator=gen).int()
-    table = torch.zeros(len(seqs), max(blocks), dtype=torch.int32, device="cuda")
-    start = 0
-    for i, n in enumerate(blocks):
-        table[i, :n] = perm[start:start + n]
-        start += n
-    q_lens = torch.tensor([q for q, _ in seqs])
-    qsl = torch.cat([torch.zeros(1, dtype=torch.int64), q_lens.cumsum(0)]).int().cuda()
-    seq_lens = torch.tensor([s for _, s in seqs], dtype=torch.int32, device="cuda")
-    q = torch.randn(int(q_lens.sum()), HEADS, HEAD, device="cuda", generator=gen).bfloat16()
-    fp8 = cache_dtype in reference.FP8_DTYPES
-    one = torch.ones(1, device="cuda")
-    scales = dict(k_scale=one, v_scale=one) if fp8 else {}
-    return (lambda: pk.paged_attention(q, kc, vc, table, seq_lens, qsl, HEAD ** -0.5, **scales)), \
-        2 * kc.numel() * kc.element_size()
+    """paged_attention over sequences (q_len, seq_len), blocks scattered (the tuner's
+    workload, 32/8 heads, head 128), and the K/V bytes a decode reads."""
+    blocks = sum(math.ceil(s / BLOCK) for _, s in seqs)
+    kv_bytes = 2 * blocks * BLOCK * KV_HEADS * HEAD * cache_dtype.itemsize
+    return attention_workload(seqs, HEAD, cache_dtype, BLOCK, gen), kv_bytes
 
 
 def copy_bandwidth(repeats) -> float:
