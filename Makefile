@@ -13,15 +13,16 @@ export TORCH_CUDA_ARCH_LIST ?= 9.0
 export MAX_JOBS ?= 2
 export PAGEDKV_CUDA ?= auto
 # The CPU kernels' ISA: AVX-512 where this CPU has it (16-float vectors), else AVX2.
-export PAGEDKV_CPU_ISA ?= $(shell grep -qw avx512bw /proc/cpuinfo 2>/dev/null && grep -qw avx512vl /proc/cpuinfo && grep -qw avx512_bf16 /proc/cpuinfo && echo avx512 || echo avx2)
+PAGEDKV_CPU_ISA ?= $(shell grep -qw avx512bw /proc/cpuinfo 2>/dev/null && grep -qw avx512vl /proc/cpuinfo && grep -qw avx512_bf16 /proc/cpuinfo && echo avx512 || echo avx2)
+export PAGEDKV_CPU_ISA := $(PAGEDKV_CPU_ISA)
 SOURCES := $(sort $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')) setup.py
 # Build cache: a built library is kept under ENV_CACHE keyed by the hash of every source,
 # the environment and the build settings, so a fresh clone of an unchanged tree starts in
 # seconds. PAGEDKV_BUILD_CACHE=0 (CI) always compiles.
 PAGEDKV_BUILD_CACHE ?= 1
-BUILD_KEY = $(shell cat $(SOURCES) | sha256sum | cut -c1-16)-$(REQ_HASH)-$(PAGEDKV_CUDA)-$(PAGEDKV_CPU_ISA)-$(subst ;,_,$(subst $(space),_,$(TORCH_CUDA_ARCH_LIST)))
 space := $(subst ,, )
-LIB_CACHE = $(ENV_CACHE)/lib-$(BUILD_KEY)
+BUILD_KEY := $(shell cat $(SOURCES) | sha256sum | cut -c1-16)-$(REQ_HASH)-$(PAGEDKV_CUDA)-$(PAGEDKV_CPU_ISA)-$(subst ;,_,$(subst $(space),_,$(TORCH_CUDA_ARCH_LIST)))
+LIB_CACHE := $(ENV_CACHE)/lib-$(BUILD_KEY)
 
 .PHONY: env build run test bench clean
 
