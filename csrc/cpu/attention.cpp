@@ -8,7 +8,6 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
-#include <cstdlib>
 
 namespace pagedkv::cpu {
 namespace {

@@ -12,6 +12,7 @@
 
 #include "cpu/attention_cpu.h"
 #include "cpu/vec.h"
+#include "dispatch.h"
 
 #include <ATen/Parallel.h>
 
@@ -262,8 +263,14 @@ inline void for_vector_groups(int nv, F&& f) {
   }
 }
 
+// Per-thread buffers, grown once and reused by every work item the thread runs.
+struct Scratch {
+  std::vector<float> f32;      // queries, accumulators, scores, running max and sum
+  std::vector<uint16_t> bf16;  // bf16 queries for vdpbf16ps
+};
+
 template <typename q_t, typename cache_t, int HEAD, int BLOCK>
-void attention_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it, std::vector<float>& scratch) {
+void attention_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it, Scratch& scratch) {
   const int64_t D = HEAD ? HEAD : a.head_size;
   const int64_t DP = (D + kVec - 1) / kVec * kVec;   // padded query/accumulator row
   const int64_t BS = BLOCK ? BLOCK : a.block_size;
@@ -282,8 +289,8 @@ void attention_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it, std::v
     return a.q() + (q0 + row_of(v)) * a.q_stride_tok + head_of(v) * a.q_stride_head;
   };
 
-  scratch.resize(size_t(NV) * (2 * DP + SP + 2));
-  float* qf = scratch.data();  // [NV][DP] query * scale * k_scale
+  scratch.f32.resize(size_t(NV) * (2 * DP + SP + 2));
+  float* qf = scratch.f32.data();  // [NV][DP] query * scale * k_scale
   float* acc = qf + NV * DP;   // [NV][DP] unnormalized output
   float* s = acc + NV * DP;    // [NV][SP] scores, then probabilities
   float* m = s + NV * SP;      // running max
@@ -293,10 +300,11 @@ void attention_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it, std::v
   constexpr bool bf16_dot = kBf16Dot && std::is_same_v<cache_t, c10::BFloat16> &&
                             std::is_same_v<q_t, c10::BFloat16>;
   const int64_t DQ = (D + 31) / 32 * 32;  // bf16 query row, zero-padded for vdpbf16ps
-  std::vector<uint16_t> qb(bf16_dot ? size_t(NV) * DQ : 0);
+  if constexpr (bf16_dot) scratch.bf16.resize(size_t(NV) * DQ);
+  uint16_t* qb = scratch.bf16.data();
   if constexpr (bf16_dot) {
     for (int v = 0; v < NV; ++v) {
-      std::memcpy(qb.data() + v * DQ, q_row(v), D * sizeof(uint16_t));
+      std::memcpy(qb + v * DQ, q_row(v), D * sizeof(uint16_t));
     }
   }
   for (int v = 0; v < NV; ++v) {
@@ -349,9 +357,9 @@ void attention_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it, std::v
           if constexpr (bf16_dot) {
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
             if (NQ == 4 && nj == 4)
-              qk_tile4x4_bf16<HEAD>(qb.data() + v * DQ, DQ, kr, stride, D, qmul, s + v * SP + j, SP);
+              qk_tile4x4_bf16<HEAD>(qb + v * DQ, DQ, kr, stride, D, qmul, s + v * SP + j, SP);
             else
-              qk_scores_bf16<NQ, HEAD>(qb.data() + v * DQ, DQ, kr, stride, nj, D, qmul,
+              qk_scores_bf16<NQ, HEAD>(qb + v * DQ, DQ, kr, stride, nj, D, qmul,
                                        s + v * SP + j, SP);
 #endif
           } else {
@@ -445,9 +453,19 @@ void attention_cpu(const TypedArgs<q_t, cache_t>& a, const std::vector<WorkItem>
   std::atomic<int64_t> next{0};
   const int64_t n = int64_t(items.size());
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    std::vector<float> scratch;
+    Scratch scratch;
     for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1))
       attention_item<q_t, cache_t, HEAD, BLOCK>(a, items[i], scratch);
+  });
+}
+
+// A query dtype equal to the cache dtype: the specialized kernel for the head and block
+// size (csrc/dispatch.h), or the generic one.
+template <typename T>
+void attention_same_dtype(const AttnArgs& raw, const std::vector<WorkItem>& items, bool generic) {
+  const TypedArgs<T, T> a(raw);
+  dispatch_shape(a.head_size, a.block_size, generic, [&](auto head, auto block) {
+    attention_cpu<T, T, decltype(head)::value, decltype(block)::value>(a, items);
   });
 }
 
