@@ -49,12 +49,24 @@ def interleaved(variants: dict, rounds: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def decode_setup(dtype, gen):
-    num_blocks = BATCH * CONTEXT // BLOCK
+def generic_kernels(fn):
+    """fn run with the generic (unspecialized) kernels."""
+    def run():
+        os.environ["PAGEDKV_GENERIC_KERNELS"] = "1"
+        try:
+            return fn()
+        finally:
+            del os.environ["PAGEDKV_GENERIC_KERNELS"]
+    return run
+
+
+def decode_setup(dtype, gen, context=CONTEXT):
+    """A decode batch: BATCH sequences of `context` tokens, blocks scattered at random."""
+    num_blocks = BATCH * context // BLOCK
     kc = torch.randn(num_blocks, BLOCK, KV_HEADS, HEAD, generator=gen).to(dtype)
     vc = torch.randn(num_blocks, BLOCK, KV_HEADS, HEAD, generator=gen).to(dtype)
-    table = torch.randperm(num_blocks, generator=gen).int().view(BATCH, CONTEXT // BLOCK)
-    seq_lens = torch.full((BATCH,), CONTEXT, dtype=torch.int32)
+    table = torch.randperm(num_blocks, generator=gen).int().view(BATCH, context // BLOCK)
+    seq_lens = torch.full((BATCH,), context, dtype=torch.int32)
     qsl = torch.arange(BATCH + 1, dtype=torch.int32)
     q = torch.randn(BATCH, HEADS, HEAD, generator=gen).to(dtype)
     return q, kc, vc, table, seq_lens, qsl
@@ -108,14 +120,8 @@ def bench_decode(dtype, rounds, flex, gen):
     def ours():
         return pk.paged_attention(q, kc, vc, table, seq_lens, qsl, scale)
 
-    def generic():
-        os.environ["PAGEDKV_GENERIC_KERNELS"] = "1"
-        try:
-            return ours()
-        finally:
-            del os.environ["PAGEDKV_GENERIC_KERNELS"]
-
-    variants = {"copy": lambda: dst.copy_(src), "paged_attention": ours, "generic": generic,
+    variants = {"copy": lambda: dst.copy_(src), "paged_attention": ours,
+                "generic": generic_kernels(ours),
                 "gather_sdpa": lambda: gather_then_sdpa(q, kc, vc, table, seq_lens, scale)}
     if flex:
         variants["flex_paged"] = flex_paged_setup(kc, vc, table, q, scale)
@@ -143,26 +149,13 @@ def bench_specialization(dtype, rounds, gen, context=128, calls=20):
     """Specialized vs generic kernel where the kernel's arithmetic is what is timed: a
     decode whose K/V (8 MiB in bf16) stay in this CPU's caches. At the 2048-context decode
     shape both kernels wait on memory, so the ratio there is about 1."""
-    num_blocks = BATCH * context // BLOCK
-    kc = torch.randn(num_blocks, BLOCK, KV_HEADS, HEAD, generator=gen).to(dtype)
-    vc = torch.randn(num_blocks, BLOCK, KV_HEADS, HEAD, generator=gen).to(dtype)
-    table = torch.randperm(num_blocks, generator=gen).int().view(BATCH, -1)
-    seq_lens = torch.full((BATCH,), context, dtype=torch.int32)
-    qsl = torch.arange(BATCH + 1, dtype=torch.int32)
-    q = torch.randn(BATCH, HEADS, HEAD, generator=gen).to(dtype)
+    q, kc, vc, table, seq_lens, qsl = decode_setup(dtype, gen, context)
 
     def run():
         for _ in range(calls):
             pk.paged_attention(q, kc, vc, table, seq_lens, qsl, 0.1)
 
-    def generic():
-        os.environ["PAGEDKV_GENERIC_KERNELS"] = "1"
-        try:
-            run()
-        finally:
-            del os.environ["PAGEDKV_GENERIC_KERNELS"]
-
-    t = interleaved({"specialized": run, "generic": generic}, rounds * 3)
+    t = interleaved({"specialized": run, "generic": generic_kernels(run)}, rounds * 3)
     return {"dtype": str(dtype).replace("torch.", ""), "context": context,
             "specialized_us": round(t["specialized"] / calls * 1e6, 1),
             "generic_us": round(t["generic"] / calls * 1e6, 1),
