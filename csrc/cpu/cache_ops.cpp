@@ -7,7 +7,9 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
 #include <cstring>
+#include <limits>
 
 namespace pagedkv::cpu {
 namespace {
@@ -95,10 +97,14 @@ void copy_blocks(at::TensorList key_caches, at::TensorList value_caches,
   const char* op = "copy_blocks";
   const int64_t n = validate_copy_blocks(key_caches, value_caches, block_mapping);
   check_on_cpu(op, "block_mapping", block_mapping);
-  for (size_t l = 0; l < key_caches.size(); ++l) {
-    check_on_cpu(op, "key_caches", key_caches[l]);
-    check_block_mapping_ranges(op, block_mapping, key_caches[l].size(0), key_caches[l].size(0),
-                               /*distinct_dst=*/true);
+  // Every layer must hold the ids, so the smallest layer bounds them: one pass for all.
+  int64_t num_blocks = std::numeric_limits<int64_t>::max();
+  for (const at::Tensor& k : key_caches) {
+    check_on_cpu(op, "key_caches", k);
+    num_blocks = std::min(num_blocks, k.size(0));
+  }
+  if (!key_caches.empty()) {
+    check_block_mapping_ranges(op, block_mapping, num_blocks, num_blocks, /*distinct_dst=*/true);
   }
   if (n == 0) return;
   const at::Tensor m = block_mapping.contiguous();
