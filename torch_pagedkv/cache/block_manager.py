@@ -32,6 +32,7 @@ from .block_hash import BlockHasher, encode_extra_keys, root_hash
 
 __all__ = [
     "BlockManager",
+    "BlockTable",
     "BlockManagerStats",
     "NoFreeBlocksError",
     "SequenceIdError",
@@ -94,9 +95,13 @@ class _Block:
         self.extra: bytes | None = None
 
 
-class _Sequence:
-    """A live sequence: its tokens, its block table and how far it is cached.
+class BlockTable:
+    """A live sequence's handle: its block table and how far its K/V are valid.
 
+    Returned by ``BlockManager.table(seq_id)`` and kept up to date by the
+    manager (the engine's ``Sequence.block_table`` is one): read ``block_ids``
+    (physical blocks in token order), ``num_tokens`` and ``num_committed``
+    (tokens ``[0, num_committed)`` hold valid K/V); never write them.
     ``hashes[i]`` is the chained hash of full block ``i`` (computed lazily,
     only when prefix caching is on); ``num_cached_blocks`` is how many leading
     blocks ``commit`` has already offered to the cache.
@@ -126,6 +131,15 @@ class _Sequence:
         self.num_committed = num_committed
         self.num_cached_blocks = num_cached_blocks
         self.extra = extra
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the manager holds for the sequence (prompt plus appended)."""
+        return len(self.token_ids)
+
+    def __repr__(self) -> str:
+        return (f"BlockTable(blocks={self.block_ids}, tokens={self.num_tokens}, "
+                f"committed={self.num_committed})")
 
 
 def _as_token_list(token_ids: Iterable[int]) -> list[int]:
@@ -164,7 +178,7 @@ class BlockManager:
         self._blocks = [_Block(i) for i in range(num_blocks)]
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._cached: dict[bytes, int] = {}  # block hash -> block id
-        self._seqs: dict[Hashable, _Sequence] = {}
+        self._seqs: dict[Hashable, BlockTable] = {}
         self._copies: dict[int, int] = {}  # pending copy-on-write, dst -> src
 
     # ------------------------------------------------------------ queries
@@ -175,6 +189,10 @@ class BlockManager:
 
     def __contains__(self, seq_id: Hashable) -> bool:
         return seq_id in self._seqs
+
+    def table(self, seq_id: Hashable) -> BlockTable:
+        """The sequence's live handle (block ids, tokens, committed count)."""
+        return self._seq(seq_id)
 
     def block_table(self, seq_id: Hashable) -> list[int]:
         """The sequence's physical block ids, in token order (a copy)."""
@@ -250,7 +268,7 @@ class BlockManager:
         block_ids = hits + [self._take_fresh() for _ in range(num_blocks - len(hits))]
 
         reused = len(hits) * bs
-        self._seqs[seq_id] = _Sequence(tokens, block_ids, hashes, reused, len(hits), extra)
+        self._seqs[seq_id] = BlockTable(tokens, block_ids, hashes, reused, len(hits), extra)
         self.stats.queries += len(tokens)
         self.stats.hits += reused
         return reused
@@ -316,7 +334,7 @@ class BlockManager:
             )
         for bid in parent.block_ids:
             self._blocks[bid].ref_count += 1
-        self._seqs[child_id] = _Sequence(
+        self._seqs[child_id] = BlockTable(
             list(parent.token_ids),
             list(parent.block_ids),
             list(parent.hashes),
@@ -342,7 +360,7 @@ class BlockManager:
         return pairs
 
     # ------------------------------------------------------------ internals
-    def _seq(self, seq_id: Hashable) -> _Sequence:
+    def _seq(self, seq_id: Hashable) -> BlockTable:
         try:
             return self._seqs[seq_id]
         except KeyError:
@@ -371,7 +389,7 @@ class BlockManager:
         if blk.hash is None:
             self._free.move_to_end(bid, last=False)  # nothing to keep: reuse first
 
-    def _extend_hashes(self, seq: _Sequence, num_full_blocks: int) -> None:
+    def _extend_hashes(self, seq: BlockTable, num_full_blocks: int) -> None:
         have = len(seq.hashes)
         if have < num_full_blocks:
             parent = seq.hashes[-1] if have else self._root
@@ -379,7 +397,7 @@ class BlockManager:
                 seq.token_ids, parent, seq.extra, have, num_full_blocks - have
             )
 
-    def _cache_blocks(self, seq: _Sequence, num_full_blocks: int) -> None:
+    def _cache_blocks(self, seq: BlockTable, num_full_blocks: int) -> None:
         """Offer committed full blocks ``[num_cached_blocks, num_full_blocks)``."""
         bs = self.block_size
         for i in range(seq.num_cached_blocks, num_full_blocks):

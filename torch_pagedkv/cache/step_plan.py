@@ -1,22 +1,29 @@
-"""Turn a scheduled step into the metadata tensors the compiled model consumes.
+"""Turn a scheduled step into the AttentionMetadata the compiled model consumes.
 
-The host plans, the device only runs (FlashInfer's plan/run split): a
-``StepPlanner`` owns one set of host buffers and one set of device buffers,
-both allocated once at their maximum size. ``plan`` fills the host buffers in
-place from the block manager's tables, copies the used part to the device
-with ``non_blocking=True`` (the host buffers are pinned when the target is
-CUDA) and returns views of the device buffers sized to the step. No tensor is
-allocated per step, and the returned views always start at the same
-addresses, which is what CUDA graphs need.
+The one planner of the package: the engine (engine/model_runner.py), HF's generate
+through PagedCache and the dense fallback of the "pagedkv" attention function
+(integrations/) all plan here. The host plans, the device only runs (FlashInfer's
+plan/run split): a ``StepPlanner`` owns one set of host buffers and one set of device
+buffers, both allocated once at their maximum size. ``plan`` fills the host buffers
+in place, copies the used part to the device with ``non_blocking=True`` (the host
+buffers are pinned when the target is CUDA) and returns an ``AttentionMetadata`` of
+views of the device buffers sized to the step. No tensor is allocated per step, and
+the returned views always start at the same addresses, which is what CUDA graphs need.
 
-Shapes, for a step of ``S`` sequences and ``T`` new tokens:
+A step is a list of rows ``(blocks, num_computed, num_new[, num_queries])``: the
+sequence's tokens ``[num_computed, num_computed + num_new)`` are new (their K/V get
+slots), and the last ``num_queries`` of them (default: all) are query rows. ``blocks``
+is the sequence's ``BlockTable`` handle (what the engine's ``Sequence.block_table``
+holds), a list of block ids, or a sequence id of the planner's ``BlockManager``.
+
+Shapes, for a step of ``S`` sequences, ``T`` new tokens and ``Q`` query rows:
 
 * ``slot_mapping``    int64 ``[T]``: cache slot of each new token;
 * ``block_table``     int32 ``[S, max_blocks_per_seq]``: full width always;
   entries past ``ceil(seq_lens[i] / block_size)`` hold stale ids (the op
   ignores them);
-* ``seq_lens``        int32 ``[S]``: ``num_computed_tokens + num_new_tokens``;
-* ``query_start_loc`` int32 ``[S + 1]``: prefix sums of ``num_new_tokens``.
+* ``seq_lens``        int32 ``[S]``: ``num_computed + num_new``;
+* ``query_start_loc`` int32 ``[S + 1]``: prefix sums of ``num_queries``.
 
 Padding to fixed shapes. A compiled model (or a captured CUDA graph) wants
 the same shapes every step, so ``plan`` can pad to ``num_tokens >= T`` and
@@ -25,7 +32,7 @@ the same shapes every step, so ``plan`` can pad to ``num_tokens >= T`` and
 * padding tokens get slot ``-1`` (``reshape_and_cache`` skips them);
 * padding sequence rows get ``seq_len = 0`` and ``q_len = 0``, except the
   last row, which owns the ``num_tokens - T`` padding query rows so that
-  ``query_start_loc[-1] == num_tokens`` as the op requires: its
+  ``query_start_loc[-1] == Q + num_tokens - T`` as the op requires: its
   ``seq_len = q_len = num_tokens - T`` and its block-table entries are 0, so
   the padding queries attend (harmlessly, read-only) to block 0 and their
   outputs are garbage to be dropped: use ``out[:meta.num_tokens]``.
@@ -40,51 +47,52 @@ The returned tensors are overwritten by the next ``plan`` call.
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from typing import Optional, Union
 
+import numpy as np
 import torch
 
-from .block_manager import BlockManager
+from ..layers.metadata import AttentionMetadata
+from .block_manager import BlockManager, BlockTable
 
-__all__ = ["StepMetadata", "StepPlanner"]
+__all__ = ["StepPlanner", "StepRow"]
 
-
-@dataclass
-class StepMetadata:
-    """One step's metadata, views into the planner's device buffers."""
-
-    slot_mapping: torch.Tensor  # int64 [num_tokens] (padded)
-    block_table: torch.Tensor  # int32 [num_seqs, max_blocks_per_seq] (padded)
-    seq_lens: torch.Tensor  # int32 [num_seqs] (padded)
-    query_start_loc: torch.Tensor  # int32 [num_seqs + 1] (padded)
-    num_tokens: int  # real new tokens, before padding
-    num_seqs: int  # real sequences, before padding
+Blocks = Union[BlockTable, Sequence[int], np.ndarray, Hashable]
+StepRow = Union[tuple[Blocks, int, int], tuple[Blocks, int, int, int]]
 
 
 class StepPlanner:
-    """Plans steps for one ``BlockManager`` into preallocated buffers."""
+    """Plans steps into preallocated buffers (see the module docstring)."""
 
     def __init__(
         self,
-        block_manager: BlockManager,
+        block_manager: Union[BlockManager, int],
         *,
         max_num_seqs: int,
         max_num_tokens: int,
         max_blocks_per_seq: int,
         device: torch.device | str = "cpu",
+        pin_memory: bool = True,
     ) -> None:
+        """``block_manager``: the manager whose sequence ids rows may name, or just
+        the block size when rows carry their blocks themselves."""
         if min(max_num_seqs, max_num_tokens, max_blocks_per_seq) < 1:
             raise ValueError(
                 "max_num_seqs, max_num_tokens and max_blocks_per_seq must be >= 1, got "
                 f"{max_num_seqs}, {max_num_tokens}, {max_blocks_per_seq}"
             )
-        self.block_manager = block_manager
+        if isinstance(block_manager, BlockManager):
+            self.block_manager: Optional[BlockManager] = block_manager
+            self.block_size = block_manager.block_size
+        else:
+            self.block_manager = None
+            self.block_size = int(block_manager)
         self.max_num_seqs = max_num_seqs
         self.max_num_tokens = max_num_tokens
         self.max_blocks_per_seq = max_blocks_per_seq
         self.device = torch.device(device)
         on_device = self.device.type != "cpu"
-        pin = self.device.type == "cuda" and torch.cuda.is_available()
+        pin = pin_memory and self.device.type == "cuda" and torch.cuda.is_available()
 
         def host(*shape: int, dtype: torch.dtype) -> torch.Tensor:
             return torch.zeros(shape, dtype=dtype, pin_memory=pin)
@@ -102,23 +110,36 @@ class StepPlanner:
         )
         # numpy views share the host memory: element writes without tensor ops.
         self._slot, self._table, self._lens, self._qsl = (t.numpy() for t in self._host)
-        max_len = max_blocks_per_seq * block_manager.block_size
-        self._positions = torch.arange(max_len, dtype=torch.int64).numpy()
+        max_len = max_blocks_per_seq * self.block_size
+        self._positions = np.arange(max_len, dtype=np.int64)
         # The next plan must not overwrite host memory an in-flight copy reads.
-        self._copied = torch.cuda.Event() if self.device.type == "cuda" else None
+        self._copied = torch.cuda.Event() if pin else None
         self._copy_pending = False
+
+    def _blocks_of(self, blocks: Blocks) -> tuple[Sequence[int], int]:
+        """(block ids, tokens the sequence holds) of a row's ``blocks``."""
+        if isinstance(blocks, BlockTable):
+            return blocks.block_ids, blocks.num_tokens
+        if isinstance(blocks, (list, range, np.ndarray)):
+            return blocks, len(blocks) * self.block_size
+        if self.block_manager is None:
+            raise ValueError(
+                f"row names sequence {blocks!r}, but this planner has no BlockManager: "
+                "pass its BlockTable or its block ids"
+            )
+        table = self.block_manager.table(blocks)  # raises on an unknown id
+        return table.block_ids, table.num_tokens
 
     def plan(
         self,
-        steps: Sequence[tuple[Hashable, int, int]],
+        steps: Sequence[StepRow],
         *,
         num_tokens: int | None = None,
         num_seqs: int | None = None,
-    ) -> StepMetadata:
-        """Fill the metadata for ``steps`` of ``(seq_id, num_computed_tokens,
-        num_new_tokens)``; pad to ``num_tokens`` / ``num_seqs`` if given."""
-        bm = self.block_manager
-        bs = bm.block_size
+    ) -> AttentionMetadata:
+        """Fill the metadata for ``steps`` (rows ``(blocks, num_computed, num_new[,
+        num_queries])``); pad to ``num_tokens`` / ``num_seqs`` if given."""
+        bs = self.block_size
         width = self.max_blocks_per_seq
         n_seqs = len(steps)
         if n_seqs > self.max_num_seqs:
@@ -126,24 +147,28 @@ class StepPlanner:
         # Check everything before writing anything: a rejected step leaves the
         # previous step's tensors intact.
         rows = []
-        t = 0
-        for seq_id, computed, new in steps:
+        t = q = 0
+        for i, (blocks, computed, new, *queries) in enumerate(steps):
+            block_ids, total = self._blocks_of(blocks)
             seq_len = computed + new
-            total = bm.num_tokens(seq_id)  # raises on an unknown id
             if computed < 0 or new < 0 or seq_len > total:
                 raise ValueError(
-                    f"sequence {seq_id!r}: num_computed_tokens={computed}, "
+                    f"step row {i}: num_computed_tokens={computed}, "
                     f"num_new_tokens={new} must be >= 0 and sum to at most its "
                     f"{total} tokens (append them first)"
                 )
+            n_q = queries[0] if queries else new
+            if not 0 <= n_q <= new:
+                raise ValueError(f"step row {i}: num_queries={n_q} must be in [0, {new}]")
             used = -(-seq_len // bs)
             if used > width:
                 raise ValueError(
-                    f"sequence {seq_id!r} needs {used} blocks for {seq_len} tokens, "
+                    f"step row {i} needs {used} blocks for {seq_len} tokens, "
                     f"max_blocks_per_seq is {width}"
                 )
-            rows.append((bm._seq(seq_id).block_ids, computed, new, seq_len, used))
+            rows.append((block_ids, computed, new, seq_len, used, n_q))
             t += new
+            q += n_q
         n_tokens = t if num_tokens is None else num_tokens
         pad_tokens = n_tokens - t
         if num_seqs is None:
@@ -176,8 +201,8 @@ class StepPlanner:
         slot, table, positions = self._slot, self._table, self._positions
         lens: list[int] = []
         starts = [0]
-        t = 0
-        for i, (block_ids, computed, new, seq_len, used) in enumerate(rows):
+        t = q = 0
+        for i, (block_ids, computed, new, seq_len, used, n_q) in enumerate(rows):
             table[i, :used] = block_ids[:used]
             if new == 1:  # decode: skip the array arithmetic
                 slot[t] = block_ids[computed // bs] * bs + computed % bs
@@ -185,17 +210,18 @@ class StepPlanner:
                 pos = positions[computed:seq_len]
                 slot[t : t + new] = table[i, pos // bs].astype("int64") * bs + pos % bs
             t += new
+            q += n_q
             lens.append(seq_len)
-            starts.append(t)
+            starts.append(q)
 
         self._lens[:n_seqs] = lens
         self._qsl[: n_seqs + 1] = starts
         if num_seqs > n_seqs:
             slot[t:n_tokens] = -1
             self._lens[n_seqs:num_seqs] = 0
-            self._qsl[n_seqs + 1 : num_seqs + 1] = t
+            self._qsl[n_seqs + 1 : num_seqs + 1] = q
             self._lens[num_seqs - 1] = pad_tokens
-            self._qsl[num_seqs] = n_tokens
+            self._qsl[num_seqs] = q + pad_tokens
             table[num_seqs - 1, :pad_blocks] = 0
 
         sizes = (n_tokens, num_seqs, num_seqs, num_seqs + 1)
@@ -208,4 +234,4 @@ class StepPlanner:
         slot_mapping, block_table, seq_lens, qsl = (
             buf[:n] for buf, n in zip(self._dev, sizes)
         )
-        return StepMetadata(slot_mapping, block_table, seq_lens, qsl, t, n_seqs)
+        return AttentionMetadata(slot_mapping, block_table, seq_lens, qsl, t, n_seqs)

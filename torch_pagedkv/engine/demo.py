@@ -80,18 +80,15 @@ def run_in_turns(model, prompts, params, args) -> tuple[dict, list[dict]]:
     on_done: list[dict] = []
     with tqdm(total=len(prompts), desc="requests (no prefix cache)", unit="req",
               disable=args.quiet, dynamic_ncols=True) as bar:
-        while off.has_unfinished():
-            bar.update(len(off.step().finished))
+        while off.has_unfinished() or not on_done:
+            if off.has_unfinished():
+                bar.update(len(off.step().finished))
             on.step()
             if not on.has_unfinished():
                 on_done.append(_summarize(on, on_reqs, prompts, args.block_size))
                 bar.set_postfix_str(f"prefix-cached runs done: {len(on_done)}")
                 if off.has_unfinished():
                     on, on_reqs = start(True)
-    while not on_done:  # never: the cached run always needs fewer steps; kept for safety
-        on.step()
-        if not on.has_unfinished():
-            on_done.append(_summarize(on, on_reqs, prompts, args.block_size))
     return _summarize(off, off_reqs, prompts, args.block_size), on_done
 
 

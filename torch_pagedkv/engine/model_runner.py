@@ -2,8 +2,9 @@
 
 Plan on the host, run on the device (FlashInfer's plan/run split): token ids,
 positions and the rows to sample are written into preallocated host buffers, the
-step's attention metadata by the BlockManager's StepPlanner into its own; each is
-copied to the device with non_blocking=True, then the model runs and samples.
+step's AttentionMetadata by the StepPlanner (from each sequence's block table) into
+its own; each is copied to the device with non_blocking=True, then the model runs and
+samples.
 execute() never reads a device tensor back; the engine reads the sampled tokens
 after it returns, the one synchronisation per step.
 
@@ -24,7 +25,7 @@ from torch import Tensor
 
 from ..cache.block_manager import BlockManager
 from ..cache.kv_cache import KVCache
-from ..cache.step_plan import StepMetadata, StepPlanner
+from ..cache.step_plan import StepPlanner
 from ..layers.metadata import AttentionMetadata
 from .sampling import sample
 from .scheduler import SchedulerOutput
@@ -104,7 +105,7 @@ class ModelRunner:
         self.kv_scales = kv_cache.kv_scales if kv_cache.is_fp8 else None
         self.compiled = CompiledStep.get(compile_backend) if compile else None
         self.num_compiled_graphs = 0  # graphs compiled while this runner ran
-        self.last_step: Optional[StepMetadata] = None  # the last step's plan (trace, tests)
+        self.last_metadata: Optional[AttentionMetadata] = None  # the last step's (trace, tests)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> Optional[Tensor]:
@@ -123,7 +124,7 @@ class ModelRunner:
             ids[t:t + n] = sch.seq.token_ids[c:c + n]
             pos[t:t + n] = self._arange[c:c + n]
             t += n
-            steps.append((sch.seq.seq_id, c, n))
+            steps.append((sch.seq.block_table, c, n))
             for s in sch.samplers:
                 rows[len(samplers)] = t - 1
                 samplers.append((s.request.params, s.generator))
@@ -133,15 +134,14 @@ class ModelRunner:
         num_rows = max(len(samplers), MIN_SIZE)
         rows[len(samplers):num_rows] = 0
         num_seqs = max(len(steps) + (num_tokens > t), MIN_SIZE)
-        step = self.planner.plan(steps, num_tokens=num_tokens, num_seqs=num_seqs)
+        metadata = self.planner.plan(steps, num_tokens=num_tokens, num_seqs=num_seqs)
         sizes = {"ids": num_tokens, "pos": num_tokens, "rows": num_rows}
         if self._dev is not self._host:
             for k, n in sizes.items():
                 self._dev[k][:n].copy_(self._host[k][:n], non_blocking=True)
             if self._copied is not None:
                 self._copied.record()
-        metadata = AttentionMetadata.from_step(step)
-        self.last_step = step
+        self.last_metadata = metadata
         args = (self.model, self._dev["ids"][:num_tokens], self._dev["pos"][:num_tokens],
                 self._dev["rows"][:num_rows], self.kv_caches, metadata, self.kv_scales)
         if self.compiled is not None:

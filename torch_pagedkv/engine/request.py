@@ -3,8 +3,10 @@
 A Request is one prompt with its SamplingParams. It owns n Sequences, one per
 sample: the first (the parent) computes the prompt; when its prefill ends the
 other n - 1 are forked from it and share its prompt blocks (copy-on-write).
-A Sequence is what the scheduler moves between the waiting and running queues
-and what the BlockManager knows by seq_id.
+A Sequence is what the scheduler moves between the waiting and running queues.
+While it holds cache blocks, `seq.block_table` is the BlockManager's live handle for
+it (block ids, tokens held, tokens committed); its progress, `num_computed_tokens`,
+is read from that handle, the one counter of how far its K/V are in the cache.
 """
 from __future__ import annotations
 
@@ -14,18 +16,18 @@ from typing import Optional
 
 import torch
 
+from ..cache.block_manager import BlockTable
 from .sampling import SamplingParams
 
 
 class SequenceStatus(enum.Enum):
-    UNFORKED = "unforked"  # a child sample waiting for its parent's prefill to end
-    WAITING = "waiting"
+    WAITING = "waiting"  # queued, or (a child sample) waiting for its parent's prefill
     RUNNING = "running"
     FINISHED = "finished"
 
 
 class Sequence:
-    """One sample stream: tokens, how many have K/V in the cache, and its status."""
+    """One sample stream: tokens, its block table while it holds blocks, its status."""
 
     def __init__(self, seq_id: int, request: "Request", index: int,
                  generator: Optional[torch.Generator]) -> None:
@@ -33,9 +35,8 @@ class Sequence:
         self.request = request
         self.index = index  # sample index within its request
         self.token_ids: list[int] = list(request.prompt_token_ids)
-        self.num_computed_tokens = 0  # tokens whose K/V are in the cache
-        self.num_block_tokens = 0  # tokens the BlockManager holds for this sequence
-        self.status = SequenceStatus.WAITING if index == 0 else SequenceStatus.UNFORKED
+        self.block_table: Optional[BlockTable] = None  # by allocate/fork; None when preempted
+        self.status = SequenceStatus.WAITING
         self.generator = generator
         self.finish_reason: Optional[str] = None
 
@@ -48,13 +49,13 @@ class Sequence:
         return self.token_ids[self.num_prompt_tokens:]
 
     @property
-    def num_uncomputed(self) -> int:
-        return len(self.token_ids) - self.num_computed_tokens
+    def num_computed_tokens(self) -> int:
+        """Tokens whose K/V are in the cache: committed to (or reused from) it."""
+        return 0 if self.block_table is None else self.block_table.num_committed
 
     @property
-    def in_prefill(self) -> bool:
-        """Has more than its last token to compute (a prompt, or a recompute)."""
-        return self.num_uncomputed > 1
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
 
     def __repr__(self) -> str:
         return (f"Sequence(id={self.seq_id}, tokens={len(self.token_ids)}, "

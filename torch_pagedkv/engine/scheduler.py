@@ -98,11 +98,10 @@ class Scheduler:
 
     def _append_pending(self, seq: Sequence, out: SchedulerOutput) -> bool:
         """Give the BlockManager seq's sampled tokens, preempting from the back if needed."""
-        pending = seq.token_ids[seq.num_block_tokens:]
+        pending = seq.token_ids[seq.block_table.num_tokens:]
         while pending:
             try:
                 self.block_manager.append(seq.seq_id, pending)
-                seq.num_block_tokens = len(seq.token_ids)
                 break
             except NoFreeBlocksError:
                 victim = self.running[-1]
@@ -114,7 +113,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
         self.block_manager.free(seq.seq_id)
-        seq.num_computed_tokens = seq.num_block_tokens = 0
+        seq.block_table = None
         seq.status = SequenceStatus.WAITING
         seq.request.metrics.num_preemptions += 1
         self.waiting.insert(0, seq)
@@ -144,8 +143,7 @@ class Scheduler:
                         "engine more blocks or a larger memory budget") from e
                 break
             del self.waiting[j]
-            seq.num_computed_tokens = reused
-            seq.num_block_tokens = len(seq.token_ids)
+            seq.block_table = bm.table(seq.seq_id)  # num_committed == reused
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             if not req.admitted:
@@ -199,8 +197,7 @@ class Scheduler:
         k = 0
         for sch in out.scheduled:
             seq = sch.seq
-            seq.num_computed_tokens = sch.num_computed + sch.num_new
-            bm.commit(seq.seq_id, seq.num_computed_tokens)
+            bm.commit(seq.seq_id, sch.num_computed + sch.num_new)  # seq.num_computed_tokens
             if not sch.samplers:
                 continue
             req = seq.request
@@ -208,8 +205,7 @@ class Scheduler:
                 for child in sch.samplers[1:]:  # share every block of the prompt
                     bm.fork(seq.seq_id, child.seq_id)
                     child.token_ids = list(seq.token_ids)
-                    child.num_computed_tokens = seq.num_computed_tokens
-                    child.num_block_tokens = seq.num_block_tokens
+                    child.block_table = bm.table(child.seq_id)
                     child.status = SequenceStatus.RUNNING
                     self.running.append(child)
                 req.forked = True
@@ -224,7 +220,7 @@ class Scheduler:
                     s.finish_reason = reason
                     s.status = SequenceStatus.FINISHED
                     self.running.remove(s)
-                    bm.free(s.seq_id)
+                    bm.free(s.seq_id)  # s.block_table stays, a record of its last state
                     finished.append(s)
         if k != len(tokens):
             raise RuntimeError(f"sampled {len(tokens)} tokens for {k} samplers")

@@ -3,8 +3,9 @@
 Every transformers attention module (Llama, Mistral, Qwen2, Gemma2, ...) ends in
 `attention_forward(module, query, key, value, attention_mask, *, dropout, scaling, **kw)`
 with query [B, heads, q_len, D] and key/value [B, kv_heads, kv_len, D]; it wants back
-[B, q_len, heads, D]. Here that call runs reshape_and_cache + paged_attention. Where the
-K/V come from decides how, tried in this order:
+[B, q_len, heads, D]. Here that call ends in layers.write_and_attend (reshape_and_cache
++ paged_attention) with metadata from the package's StepPlanner. Where the K/V come from
+decides how, tried in this order:
 
 1. `kw["pagedkv_step"]`: the engine's flat ragged batch (HFPagedModel.forward passes it
    with the engine's metadata and caches); key/value are the step's new tokens.
@@ -28,7 +29,8 @@ from typing import Optional, Protocol
 import torch
 from torch import Tensor, nn
 
-from .. import ops
+from ..cache.step_plan import StepPlanner
+from ..layers import write_and_attend
 
 ATTN_IMPLEMENTATION = "pagedkv"
 STEP_KWARG = "pagedkv_step"  # forward(..., pagedkv_step=...) reaches attention_forward
@@ -137,8 +139,8 @@ def attend_dense(query: Tensor, key: Tensor, value: Tensor, real: Optional[Tenso
                  params: AttnParams) -> Tensor:
     """Path 3: key/value hold each row's visible context, the queries being its last
     q_len columns; `real` [B, kv_len] marks the non-padding columns. Row b's real
-    columns become sequence b of a scratch paged cache (b's own blocks), so padding
-    is skipped (slot -1) and never attended."""
+    columns become sequence b of a scratch paged cache (b's own blocks, planned by a
+    StepPlanner like any step), so padding is never written nor attended."""
     batch, heads, q_len, head_size = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
     if real is not None and tuple(real.shape) != (batch, kv_len):
@@ -146,32 +148,22 @@ def attend_dense(query: Tensor, key: Tensor, value: Tensor, real: Optional[Tenso
                          f"({batch}, {kv_len}) for the layer's key/value states")
     bs = SCRATCH_BLOCK_SIZE
     blocks_per_row = -(-kv_len // bs)
-    dev = query.device
-    rows = torch.arange(batch, device=dev).unsqueeze(1)
-    if real is None:
-        rank = torch.arange(kv_len, device=dev).expand(batch, kv_len)
-        slots = rows * (blocks_per_row * bs) + rank
-        seq_lens = torch.full((batch,), kv_len, dtype=torch.int32, device=dev)
-        q_real = None
-        q_lens = torch.full((batch,), q_len, dtype=torch.int32, device=dev)
-    else:
-        rank = real.cumsum(1) - 1
-        slots = torch.where(real, rows * (blocks_per_row * bs) + rank, -1)
-        seq_lens = real.sum(1, dtype=torch.int32)
-        q_real = real[:, kv_len - q_len:]
-        q_lens = q_real.sum(1, dtype=torch.int32)
+    q_real = None if real is None else real[:, kv_len - q_len:]
+    lens = [kv_len] * batch if real is None else real.sum(1).tolist()
+    q_lens = [q_len] * batch if q_real is None else q_real.sum(1).tolist()
+    # Every real column is new to the scratch cache; the real ones of the last q_len
+    # columns (a row's last real tokens) are its queries.
+    steps = [(range(b * blocks_per_row, (b + 1) * blocks_per_row), 0, n, n_q)
+             for b, (n, n_q) in enumerate(zip(lens, q_lens))]
+    planner = StepPlanner(bs, max_num_seqs=batch, max_num_tokens=max(1, sum(lens)),
+                          max_blocks_per_seq=blocks_per_row, device=query.device,
+                          pin_memory=False)
+    metadata = planner.plan(steps)
     cache_shape = (batch * blocks_per_row, bs, kv_heads, head_size)
-    key_cache = key.new_zeros(cache_shape)
-    value_cache = value.new_zeros(cache_shape)
-    k = key.transpose(1, 2).contiguous().view(batch * kv_len, kv_heads, head_size)
-    v = value.transpose(1, 2).contiguous().view(batch * kv_len, kv_heads, head_size)
-    ops.reshape_and_cache(k, v, key_cache, value_cache, slots.reshape(-1).to(torch.int64))
-    block_table = (rows * blocks_per_row
-                   + torch.arange(blocks_per_row, device=dev)).to(torch.int32)
-    query_start_loc = torch.zeros(batch + 1, dtype=torch.int32, device=dev)
-    query_start_loc[1:] = q_lens.cumsum(0)
-    q, index = unpad_rows(query.transpose(1, 2), q_real)
-    out = ops.paged_attention(q.contiguous(), key_cache, value_cache, block_table, seq_lens,
-                              query_start_loc, params.scale, None, params.sliding_window,
-                              params.softcap)
+    caches = key.new_zeros(cache_shape), value.new_zeros(cache_shape)
+    k, _ = unpad_rows(key.transpose(1, 2).contiguous(), real)
+    v, _ = unpad_rows(value.transpose(1, 2).contiguous(), real)
+    q, index = unpad_rows(query.transpose(1, 2).contiguous(), q_real)
+    out = write_and_attend(q, k, v, caches, metadata, scale=params.scale,
+                           sliding_window=params.sliding_window, softcap=params.softcap)
     return pad_rows(out, index, batch, q_len)

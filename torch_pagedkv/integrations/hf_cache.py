@@ -13,9 +13,9 @@ How a step flows (the model code is transformers', unchanged):
      padding is not known here); it returns views of the new states tagged with
      this cache's layer target;
   3. the attention implementation finds the tag and calls attend(): the first layer
-     of a step plans it (BlockManager allocate/append, slot_mapping, block_table,
-     seq_lens, query_start_loc), every layer then runs reshape_and_cache +
-     paged_attention with that plan.
+     of a step plans it (BlockManager allocate/append, then the package's StepPlanner
+     turns the rows' BlockTables into the step's AttentionMetadata), every layer then
+     selects the real rows and calls layers.write_and_attend with that metadata.
 
 HF addresses the cache in columns (padding included): get_seq_length counts columns,
 so HF's positions and masks stay as with DynamicCache. Beam search and the other
@@ -33,9 +33,10 @@ import torch
 from torch import Tensor, nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .. import ops
 from ..cache.block_manager import BlockManager, NoFreeBlocksError
 from ..cache.kv_cache import KVCache
+from ..cache.step_plan import StepPlanner
+from ..layers import AttentionMetadata, write_and_attend
 from .hf_attention import PAGED_TARGET_ATTR, AttnParams, pad_rows
 
 
@@ -106,18 +107,6 @@ class _Row:
     length: int  # real tokens in the cache
 
 
-@dataclass
-class _Plan:
-    """One step's metadata, shared by every layer of the step."""
-
-    step: int
-    slot_mapping: Tensor  # int64 [B * q_len], -1 for padding
-    block_table: Tensor  # int32 [B, max_blocks]
-    seq_lens: Tensor  # int32 [B]
-    query_start_loc: Tensor  # int32 [B + 1]
-    q_index: Optional[Tensor]  # flat indices of the real query rows; None: all real
-
-
 class PagedCache(Cache):
     """A transformers Cache backed by a paged KVCache and a BlockManager."""
 
@@ -134,7 +123,10 @@ class PagedCache(Cache):
         self._targets = [_LayerTarget(self, i) for i in range(num_layers)]
         self._rows: Optional[list[Optional[_Row]]] = None  # per batch row; None: no real token yet
         self._ids = count()
-        self._plan: Optional[_Plan] = None
+        self._planner: Optional[StepPlanner] = None  # grown to the largest step seen
+        # The current forward's plan, shared by its layers: (forward number, metadata,
+        # flat indices of the real rows among batch * q_len, None when all are real).
+        self._plan: Optional[tuple[int, AttentionMetadata, Optional[Tensor]]] = None
 
     @classmethod
     def for_model(cls, model: nn.Module, *, num_blocks: Optional[int] = None,
@@ -195,32 +187,30 @@ class PagedCache(Cache):
         [B, KVH, q, D] -> [B, q, H, D]."""
         batch, _, q_len, head_size = query.shape
         layer = self.layers[layer_idx]
-        if self._plan is None or self._plan.step != layer.steps:
-            self._plan = self._plan_step(layer.steps, layer.columns - q_len, padding_mask,
-                                         batch, q_len)
-        plan = self._plan
-        key_cache, value_cache = self.kv.layer(layer_idx)
+        if self._plan is None or self._plan[0] != layer.steps:
+            self._plan = (layer.steps, *self._plan_step(layer.columns - q_len, padding_mask,
+                                                        batch, q_len))
+        _, metadata, real_rows = self._plan
+        # [B, n, q, D] -> [B * q, n, D], heads contiguous as the ops want them.
+        q, k, v = (x.transpose(1, 2).contiguous().view(batch * q_len, x.shape[1], head_size)
+                   for x in (query, key, value))
+        if real_rows is not None:
+            q, k, v = (x.index_select(0, real_rows) for x in (q, k, v))
         k_scale, v_scale = self._scales(layer_idx)
-        kv_heads = key.shape[1]
-        k = key.transpose(1, 2).contiguous().view(batch * q_len, kv_heads, head_size)
-        v = value.transpose(1, 2).contiguous().view(batch * q_len, kv_heads, head_size)
-        ops.reshape_and_cache(k, v, key_cache, value_cache, plan.slot_mapping, k_scale, v_scale)
-        q = query.transpose(1, 2).contiguous().view(batch * q_len, -1, head_size)
-        if plan.q_index is not None:
-            q = q.index_select(0, plan.q_index)
-        out = ops.paged_attention(q, key_cache, value_cache, plan.block_table, plan.seq_lens,
-                                  plan.query_start_loc, params.scale, None,
-                                  params.sliding_window, params.softcap, k_scale, v_scale)
-        return pad_rows(out, plan.q_index, batch, q_len)
+        out = write_and_attend(q, k, v, self.kv.layer(layer_idx), metadata,
+                               scale=params.scale, sliding_window=params.sliding_window,
+                               softcap=params.softcap, k_scale=k_scale, v_scale=v_scale)
+        return pad_rows(out, real_rows, batch, q_len)
 
     def _scales(self, layer_idx: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
         if not self.kv.is_fp8:
             return None, None
         return self.kv.k_scales[layer_idx], self.kv.v_scales[layer_idx]
 
-    def _plan_step(self, step: int, columns_before: int, padding_mask: Optional[Tensor],
-                   batch: int, q_len: int) -> _Plan:
-        """Host side, once per forward: give each row's real new tokens cache slots."""
+    def _plan_step(self, columns_before: int, padding_mask: Optional[Tensor],
+                   batch: int, q_len: int) -> tuple[AttentionMetadata, Optional[Tensor]]:
+        """Host side, once per forward: blocks for each row's real new tokens, then the
+        step's metadata from the package's StepPlanner."""
         if padding_mask is not None and padding_mask.shape != (batch, columns_before + q_len):
             raise ValueError(
                 f"attention_mask covers {padding_mask.shape[-1]} columns, but the cache holds "
@@ -254,25 +244,26 @@ class PagedCache(Cache):
             raise
         self.kv.copy_blocks(bm.take_copies())  # copy-on-write after a beam reorder
 
-        tables = [bm.block_table(r.seq_id) if r is not None else [] for r in self._rows]
-        width = max(1, max(len(t) for t in tables))
-        block_table = torch.zeros(batch, width, dtype=torch.int32)
-        for b, t in enumerate(tables):
-            block_table[b, :len(t)] = torch.tensor(t, dtype=torch.int32)
-        lens = torch.tensor(old_lens, dtype=torch.int64)
-        real = (torch.ones(batch, q_len, dtype=torch.bool) if new_real is None
-                else new_real.cpu())
-        rank = lens.unsqueeze(1) + real.cumsum(1) - 1  # position of each real new token
-        blocks = block_table.long().gather(1, (rank.clamp(min=0) // self.block_size)
-                                           .clamp(max=width - 1))
-        slots = torch.where(real, blocks * self.block_size + rank % self.block_size, -1)
-        qsl = torch.zeros(batch + 1, dtype=torch.int32)
-        qsl[1:] = torch.tensor(counts, dtype=torch.int64).cumsum(0)
-        seq_lens = torch.tensor([o + n for o, n in zip(old_lens, counts)], dtype=torch.int32)
-        dev = self.kv.device
-        q_index = None if new_real is None else real.reshape(-1).nonzero().squeeze(1).to(dev)
-        return _Plan(step, slots.reshape(-1).to(dev), block_table.to(dev), seq_lens.to(dev),
-                     qsl.to(dev), q_index)
+        tables = [bm.table(r.seq_id).block_ids if r is not None else [] for r in self._rows]
+        steps = list(zip(tables, old_lens, counts))
+        width = max(map(len, tables), default=1)
+        metadata = self._planner_for(batch, sum(counts), width).plan(steps)
+        real_rows = (None if new_real is None
+                     else new_real.reshape(-1).nonzero().squeeze(1).to(self.kv.device))
+        return metadata, real_rows
+
+    def _planner_for(self, num_seqs: int, num_tokens: int, width: int) -> StepPlanner:
+        """The planner, regrown (at least doubling) when a step outgrows its buffers."""
+        p = self._planner
+        need = (max(1, num_seqs), max(1, num_tokens), max(1, width))
+        have = (0, 0, 0) if p is None else (p.max_num_seqs, p.max_num_tokens,
+                                            p.max_blocks_per_seq)
+        if all(n <= h for n, h in zip(need, have)):
+            return p
+        seqs, tokens, blocks = (h if n <= h else max(n, 2 * h) for n, h in zip(need, have))
+        self._planner = StepPlanner(self.block_size, max_num_seqs=seqs, max_num_tokens=tokens,
+                                    max_blocks_per_seq=blocks, device=self.kv.device)
+        return self._planner
 
     def _select_rows(self, sources: list[int]) -> None:
         """New row i continues old row sources[i]; rows share blocks (fork)."""

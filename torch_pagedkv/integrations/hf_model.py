@@ -5,8 +5,8 @@ sequence, their positions, the per-layer paged caches and the step's metadata).
 The HF decoder runs on it as a batch of one row of num_tokens tokens, with the given
 position_ids (so rotary embeddings see each token's own position) and no HF cache;
 the step travels as the `pagedkv_step` keyword, which transformers forwards to every
-attention call, where PagedStep.attend writes the new K/V with reshape_and_cache and
-attends with paged_attention over the engine's block tables. Sequences never see
+attention call, where PagedStep.attend hands the new q/k/v to layers.write_and_attend
+with the engine's AttentionMetadata (planned by the engine's StepPlanner). Sequences never see
 each other: paged_attention keeps each to its own blocks. Everything model-specific
 (embedding scale, norms, per-layer windows, softcaps, biases) stays HF's own code, so
 prefix caching, chunked prefill and preemption come from the engine unchanged.
@@ -18,15 +18,16 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .. import ops
+from ..layers import AttentionMetadata, write_and_attend
 from .hf_attention import ATTN_IMPLEMENTATION, STEP_KWARG, AttnParams
 from .hf_cache import kv_geometry, text_config
 
 
 class PagedStep:
-    """One engine step, as the attention implementation's target (see hf_attention)."""
+    """Carries one engine step (its caches and AttentionMetadata) to the attention
+    implementation, as its target (see hf_attention)."""
 
-    def __init__(self, kv_caches: list[tuple[Tensor, Tensor]], metadata,
+    def __init__(self, kv_caches: list[tuple[Tensor, Tensor]], metadata: AttentionMetadata,
                  kv_scales: Optional[list[tuple[Tensor, Tensor]]] = None) -> None:
         self.kv_caches = kv_caches
         self.metadata = metadata
@@ -41,16 +42,13 @@ class PagedStep:
             raise ValueError(f"{type(module).__name__} has no layer_idx: cannot pick its cache")
         if query.shape[0] != 1:
             raise ValueError(f"an engine step is one flat batch, got batch {query.shape[0]}")
-        md = self.metadata
-        key_cache, value_cache = self.kv_caches[layer_idx]
         k_scale, v_scale = self.kv_scales[layer_idx] if self.kv_scales is not None else (None, None)
         k = key[0].transpose(0, 1).contiguous()  # [T, KVH, D]
         v = value[0].transpose(0, 1).contiguous()
-        ops.reshape_and_cache(k, v, key_cache, value_cache, md.slot_mapping, k_scale, v_scale)
         q = query[0].transpose(0, 1).contiguous()
-        out = ops.paged_attention(q, key_cache, value_cache, md.block_table, md.seq_lens,
-                                  md.query_start_loc, params.scale, None,
-                                  params.sliding_window, params.softcap, k_scale, v_scale)
+        out = write_and_attend(q, k, v, self.kv_caches[layer_idx], self.metadata,
+                               scale=params.scale, sliding_window=params.sliding_window,
+                               softcap=params.softcap, k_scale=k_scale, v_scale=v_scale)
         return out.unsqueeze(0)
 
 

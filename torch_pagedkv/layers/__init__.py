@@ -1,5 +1,5 @@
-"""The drop-in attention layer and its per-step metadata."""
-from .attention import PagedAttention
+"""The drop-in attention layer, its per-step metadata, and the one write-then-attend."""
+from .attention import PagedAttention, write_and_attend
 from .metadata import AttentionMetadata
 
-__all__ = ["PagedAttention", "AttentionMetadata"]
+__all__ = ["PagedAttention", "AttentionMetadata", "write_and_attend"]

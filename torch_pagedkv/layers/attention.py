@@ -1,11 +1,13 @@
 """PagedAttention: the drop-in attention layer over a paged KV cache.
 
-forward() does two things, in this order:
+write_and_attend() is the one place in the package that runs the two ops of a step's
+attention, in this order:
   1. reshape_and_cache: write the new tokens' K/V into the cache at metadata.slot_mapping;
-  2. paged_attention:   attend each new token's query over its sequence's cached K/V
-     (which now includes the token itself), causally, through metadata.block_table.
+  2. paged_attention:   attend each query row over its sequence's cached K/V (which now
+     includes the new tokens), causally, through metadata.block_table.
 Decode, prefill, chunked prefill, prefill over a cached prefix and mixed batches are
-all the same call; the metadata alone says which is which.
+all the same call; the metadata alone says which is which. The PagedAttention module
+and every Hugging Face path (integrations/) call it, after their own reshapes.
 """
 from __future__ import annotations
 
@@ -18,8 +20,25 @@ from .. import ops
 from .metadata import AttentionMetadata
 
 
+def write_and_attend(query: Tensor, key: Tensor, value: Tensor,
+                     kv_cache_layer: tuple[Tensor, Tensor], metadata: AttentionMetadata, *,
+                     scale: float, alibi_slopes: Optional[Tensor] = None,
+                     sliding_window: int = -1, softcap: float = 0.0,
+                     k_scale: Optional[Tensor] = None,
+                     v_scale: Optional[Tensor] = None) -> Tensor:
+    """Writes key/value [T, num_kv_heads, head_size] into the layer's paged caches at
+    metadata.slot_mapping, then attends query [Q, num_heads, head_size] over them;
+    returns [Q, num_heads, head_size]. Layouts and semantics: docs/design.md §2."""
+    key_cache, value_cache = kv_cache_layer
+    ops.reshape_and_cache(key, value, key_cache, value_cache, metadata.slot_mapping,
+                          k_scale, v_scale)
+    return ops.paged_attention(query, key_cache, value_cache, metadata.block_table,
+                               metadata.seq_lens, metadata.query_start_loc, scale,
+                               alibi_slopes, sliding_window, softcap, k_scale, v_scale)
+
+
 class PagedAttention(nn.Module):
-    """Attention of new tokens over a paged KV cache (DESIGN.md section 2).
+    """Attention of new tokens over a paged KV cache (docs/design.md §2).
 
     q/k/v may be [num_tokens, heads * head_size] or [num_tokens, heads, head_size],
     including strided views into a fused QKV projection: they are viewed, never
@@ -65,16 +84,13 @@ class PagedAttention(nn.Module):
                 k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None) -> Tensor:
         """kv_cache_layer: (key_cache, value_cache) [num_blocks, block_size, num_kv_heads,
         head_size]; k_scale/v_scale: float32 one-element tensors for fp8 caches."""
-        key_cache, value_cache = kv_cache_layer
         q = self._heads(query, self.num_heads, "query")
         k = self._heads(key, self.num_kv_heads, "key")
         v = self._heads(value, self.num_kv_heads, "value")
-        ops.reshape_and_cache(k, v, key_cache, value_cache, metadata.slot_mapping,
-                              k_scale, v_scale)
-        out = ops.paged_attention(q, key_cache, value_cache, metadata.block_table,
-                                  metadata.seq_lens, metadata.query_start_loc, self.scale,
-                                  self.alibi_slopes, self.sliding_window, self.softcap,
-                                  k_scale, v_scale)
+        out = write_and_attend(q, k, v, kv_cache_layer, metadata, scale=self.scale,
+                               alibi_slopes=self.alibi_slopes,
+                               sliding_window=self.sliding_window, softcap=self.softcap,
+                               k_scale=k_scale, v_scale=v_scale)
         return out.flatten(1)
 
     def extra_repr(self) -> str:
