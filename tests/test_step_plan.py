@@ -133,6 +133,53 @@ def test_too_long_for_the_table_width_is_rejected():
         planner.plan([(7, 0, 1)])
 
 
+def test_rows_may_name_a_block_table_handle_or_block_ids():
+    """The engine passes each Sequence's BlockTable, the HF paths plain block ids:
+    the same plan as naming the sequence id."""
+    bm = manager_with([13, 6])
+    steps = [(0, 4, 9), (1, 5, 1)]
+    by_id = StepPlanner(bm, max_num_seqs=4, max_num_tokens=32, max_blocks_per_seq=8)
+    by_handle = StepPlanner(bm, max_num_seqs=4, max_num_tokens=32, max_blocks_per_seq=8)
+    by_blocks = StepPlanner(BS, max_num_seqs=4, max_num_tokens=32, max_blocks_per_seq=8)
+    expect = by_id.plan(steps)
+    for planner, rows in (
+        (by_handle, [(bm.table(s), c, n) for s, c, n in steps]),
+        (by_blocks, [(bm.block_table(s), c, n) for s, c, n in steps]),
+    ):
+        meta = planner.plan(rows)
+        assert_matches(meta, bm, steps)
+        assert torch.equal(meta.block_table[:, :4], expect.block_table[:, :4])
+
+
+def test_a_block_table_handle_follows_its_sequence():
+    bm = manager_with([6])
+    handle = bm.table(0)
+    assert (handle.block_ids, handle.num_tokens, handle.num_committed) == ([0, 1], 6, 0)
+    bm.append(0, [7, 8, 9])
+    bm.commit(0, 8)
+    assert (handle.block_ids, handle.num_tokens, handle.num_committed) == ([0, 1, 2], 9, 8)
+
+
+def test_rows_with_fewer_queries_than_new_tokens():
+    """(blocks, computed, new, num_queries): every new token gets a slot, only the last
+    num_queries are query rows (the dense HF fallback writes a whole context, queries
+    only its last tokens)."""
+    bm = manager_with([10, 7])
+    planner = StepPlanner(bm, max_num_seqs=4, max_num_tokens=32, max_blocks_per_seq=8)
+    meta = planner.plan([(0, 0, 10, 1), (1, 0, 7, 3)])
+    assert meta.slot_mapping.shape == (17,) and meta.num_tokens == 17
+    assert meta.query_start_loc.tolist() == [0, 1, 4]
+    assert meta.seq_lens.tolist() == [10, 7]
+    with pytest.raises(ValueError, match="num_queries=8 must be in"):
+        planner.plan([(0, 0, 7, 8)])
+
+
+def test_a_planner_without_a_block_manager_rejects_sequence_ids():
+    planner = StepPlanner(BS, max_num_seqs=2, max_num_tokens=8, max_blocks_per_seq=4)
+    with pytest.raises(ValueError, match="has no BlockManager"):
+        planner.plan([("seq-0", 0, 1)])
+
+
 # ------------------------------------------------------------ end to end
 H, D = 2, 8
 
