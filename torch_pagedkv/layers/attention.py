@@ -19,7 +19,7 @@ from .metadata import AttentionMetadata
 
 
 class PagedAttention(nn.Module):
-    """Attention of new tokens over a paged KV cache (DESIGN.md section 2).
+    """Attention of new tokens over a paged KV cache (docs/design.md §2).
 
     q/k/v may be [num_tokens, heads * head_size] or [num_tokens, heads, head_size],
     including strided views into a fused QKV projection: they are viewed, never
