@@ -59,7 +59,7 @@ test: build
 	$(PY) -m pytest -q tests
 
 bench: build
-	set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b; done
+	set -e; for b in benchmarks/bench_*.py; do m=benchmarks.$$(basename $$b .py); echo "== $$m"; $(PY) -m $$m; done
 
 clean:
 	rm -rf build torch_pagedkv/*.so torch_pagedkv/_C.stamp
