@@ -47,7 +47,7 @@ torch_pagedkv/_C.stamp: $(SOURCES) .venv/.ready-$(REQ_HASH)
 	  rm -f torch_pagedkv/_C*.so && cp $(LIB_CACHE)/_C* torch_pagedkv/; \
 	else \
 	  $(PY) setup.py -q build_ext --inplace && \
-	  rm -rf $(LIB_CACHE) && mkdir -p $(LIB_CACHE) && cp torch_pagedkv/_C*.so torch_pagedkv/_C.isa $(LIB_CACHE)/ && \
+	  rm -rf $(LIB_CACHE) && mkdir -p $(LIB_CACHE) && cp torch_pagedkv/_C*.so torch_pagedkv/_C.isa torch_pagedkv/_C.torch $(LIB_CACHE)/ && \
 	  touch $(LIB_CACHE)/.complete; \
 	fi
 	@touch $@
@@ -59,7 +59,7 @@ test: build
 	$(PY) -m pytest -q tests
 
 bench: build
-	set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b; done
+	set -e; for b in benchmarks/bench_*.py; do m=benchmarks.$$(basename $$b .py); echo "== $$m"; $(PY) -m $$m; done
 
 clean:
 	rm -rf build torch_pagedkv/*.so torch_pagedkv/_C.stamp

@@ -5,6 +5,10 @@ build and nvcc is found. PAGEDKV_CPU_ISA=avx2|avx512|native|generic (default avx
 portable choice for a wheel; `make` picks avx512 on a CPU that has it) sets the ISA of the
 CPU kernels (16-float at::vec vectors with avx512, 8 otherwise); torch_pagedkv checks at
 load time that the CPU has it.
+
+The library is tied to the torch it is compiled against (C++ extensions are not ABI
+compatible across torch minor versions): the package requires that torch's X.Y series,
+and the build records the version in _C.torch, which torch_pagedkv checks at import.
 """
 import glob
 import os
@@ -23,6 +27,11 @@ CPU_ISA_FLAGS = {
     "native": ["-march=native", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"],
     "generic": ["-DCPU_CAPABILITY=DEFAULT"],
 }
+
+
+def torch_requirement() -> str:
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return f"torch>={major}.{minor},<{major}.{int(minor) + 1}"
 
 
 def want_cuda() -> bool:
@@ -68,18 +77,23 @@ def extension():
 
 
 class BuildExt(cpp_extension.BuildExtension.with_options(use_ninja=True)):
-    """Writes _C.isa beside the built library (in the tree with --inplace, in the wheel
-    otherwise): torch_pagedkv reads it at import to refuse a build its CPU cannot run."""
+    """Writes _C.isa and _C.torch beside the built library (in the tree with --inplace, in
+    the wheel otherwise): torch_pagedkv reads them at import to refuse a build that this
+    CPU cannot run or that another torch version was compiled for."""
 
     def run(self):
         super().run()
-        isa = os.environ.get("PAGEDKV_CPU_ISA", "avx2").lower() + "\n"
+        records = {"_C.isa": os.environ.get("PAGEDKV_CPU_ISA", "avx2").lower(),
+                   "_C.torch": torch.__version__.split("+")[0]}
         for ext in self.extensions:  # the in-tree path with --inplace, build/lib otherwise
-            with open(os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), "_C.isa"), "w") as f:
-                f.write(isa)
+            here = os.path.dirname(self.get_ext_fullpath(ext.name))
+            for name, value in records.items():
+                with open(os.path.join(here, name), "w") as f:
+                    f.write(value + "\n")
 
 
 setup(
+    install_requires=[torch_requirement(), "numpy", "tqdm"],
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExt},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},

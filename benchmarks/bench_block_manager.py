@@ -1,6 +1,6 @@
 """BlockManager benchmark: hashing cost, allocate/free throughput, memory saved.
 
-    python benchmarks/bench_block_manager.py [--json] [--seed 0]
+    python -m benchmarks.bench_block_manager [--json] [--seed 0]
 
 1. Hashing: ns per token of the chained SHA-256 block hash at block sizes 16
    and 32, both as ``allocate`` does it (one ``hash_block`` call per block) and
@@ -22,15 +22,11 @@ import argparse
 import json
 import platform
 import random
-import sys
 import time
 from collections import deque
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from torch_pagedkv.cache.block_hash import BlockHasher, root_hash  # noqa: E402
-from torch_pagedkv.cache.block_manager import BlockManager  # noqa: E402
+from torch_pagedkv.cache.block_hash import BlockHasher, root_hash
+from torch_pagedkv.cache.block_manager import BlockManager
 
 VOCAB = 128_000
 

@@ -11,7 +11,7 @@
 Times are medians of CUDA-event timed repeats after warm-up. Without a GPU it says so and
 exits 0 (make bench runs every benchmark).
 
-    python benchmarks/bench_cuda.py [--repeats N] [--json PATH] [--write-results]
+    python -m benchmarks.bench_cuda [--repeats N] [--json PATH] [--write-results]
 """
 from __future__ import annotations
 
@@ -23,10 +23,9 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import torch_pagedkv as pk  # noqa: E402
-from torch_pagedkv import reference  # noqa: E402
-from torch_pagedkv.tuning.tune import (  # noqa: E402
+import torch_pagedkv as pk
+from torch_pagedkv import reference
+from torch_pagedkv.tuning.tune import (
     NUM_HEADS, NUM_KV_HEADS, attention_workload, median_us, random_cache as tuned_random_cache)
 
 HEADS, KV_HEADS = NUM_HEADS, NUM_KV_HEADS  # the tuner's workload shape
@@ -157,7 +156,7 @@ def main(argv=None) -> int:
     if args.write_results:
         from benchmarks.results_file import write_section
         write_section(f"CUDA kernels ({r['gpu']})",
-                      text + "\n\nCommand: `python benchmarks/bench_cuda.py --write-results`")
+                      text + "\n\nCommand: `python -m benchmarks.bench_cuda --write-results`")
     print(text)
     return 0
 

@@ -13,7 +13,7 @@
 The machine's speed drifts 2x over minutes: variants are timed in interleaved rounds and
 compared by per-round medians.
 
-    python benchmarks/bench_engine.py [--json] [--rounds N] [--quick] [--write-results]
+    python -m benchmarks.bench_engine [--json] [--rounds N] [--quick] [--write-results]
 """
 from __future__ import annotations
 
@@ -27,14 +27,13 @@ from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import torch_pagedkv as pk  # noqa: E402
-from benchmarks.results_file import write_section  # noqa: E402
-from torch_pagedkv.engine import LLM, SamplingParams  # noqa: E402
-from torch_pagedkv.engine.demo import DEMO_CONFIG, build_workload, run_in_turns  # noqa: E402
-from torch_pagedkv.engine.model_runner import CompiledStep  # noqa: E402
-from torch_pagedkv.layers import AttentionMetadata  # noqa: E402
-from torch_pagedkv.models import TinyLlama  # noqa: E402
+import torch_pagedkv as pk
+from benchmarks.results_file import write_section
+from torch_pagedkv.engine import LLM, SamplingParams
+from torch_pagedkv.engine.demo import DEMO_CONFIG, build_workload, run_in_turns
+from torch_pagedkv.engine.model_runner import CompiledStep
+from torch_pagedkv.layers import AttentionMetadata
+from torch_pagedkv.models import TinyLlama
 
 PLOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "decode_gbps.png")
 
@@ -327,7 +326,7 @@ def main(argv=None) -> int:
         print(table(result))
         print(f"\nplot: {PLOT}")
     if args.write_results:
-        cmd = "python benchmarks/bench_engine.py " + " ".join(
+        cmd = "python -m benchmarks.bench_engine " + " ".join(
             argv if argv is not None else sys.argv[1:])
         write_section("Engine", f"Command: `{cmd.strip()}`\n\n{table(result)}\n\n{NOTES}\n")
     return 0

@@ -1,6 +1,6 @@
 """Hugging Face model throughput: HF's own generate (sdpa) vs torch_pagedkv on the same model.
 
-    python benchmarks/bench_hf.py [--json] [--num-prompts 8] [--prompt-len 256]
+    python -m benchmarks.bench_hf [--json] [--num-prompts 8] [--prompt-len 256]
                                   [--shared-len 224] [--new-tokens 64] [--repeats 3]
                                   [--no-compile]
 
@@ -27,12 +27,9 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import transformers  # noqa: E402

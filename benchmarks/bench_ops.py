@@ -7,7 +7,7 @@ as speedups, (e) specialized vs generic kernel at head 128, (f) a 2048-token pre
 a 2048-token cached prefix in tokens/s. This machine's speed drifts 2x over minutes, so
 every variant is timed in interleaved rounds and ratios are of per-round medians.
 
-    python benchmarks/bench_ops.py [--json] [--rounds N] [--no-flex] [--write-results]
+    python -m benchmarks.bench_ops [--json] [--rounds N] [--no-flex] [--write-results]
 """
 from __future__ import annotations
 
@@ -22,9 +22,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import torch_pagedkv as pk  # noqa: E402
-from benchmarks.results_file import write_section  # noqa: E402
+import torch_pagedkv as pk
+from benchmarks.results_file import write_section
 
 BATCH, CONTEXT, HEADS, KV_HEADS, HEAD, BLOCK = 16, 2048, 32, 8, 128, 16
 
@@ -251,7 +250,7 @@ def main(argv=None) -> int:
     else:
         print(table(result))
     if args.write_results:
-        cmd = "python benchmarks/bench_ops.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        cmd = "python -m benchmarks.bench_ops " + " ".join(argv if argv is not None else sys.argv[1:])
         write_section("Ops (CPU)", f"Command: `{cmd.strip()}`\n\n{table(result)}\n")
     return 0
 

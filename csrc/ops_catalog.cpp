@@ -1,4 +1,4 @@
-// The op catalog: every torch.ops.pagedkv schema, in one place (DESIGN.md section 2).
+// The op catalog: every torch.ops.pagedkv schema, in one place (docs/design.md §2).
 // Backends register kernels with TORCH_LIBRARY_IMPL in their own files
 // (cpu/register_cpu.cpp, cuda/register_cuda.cpp); fake impls live in torch_pagedkv/ops.py.
 #include <torch/library.h>

@@ -8,17 +8,15 @@ three ways and prints the tokens side by side:
   engine   torch_pagedkv.engine.LLM(model): continuous batching, prefix caching.
 The prompts are a left-padded batch with its attention_mask, so padding is honoured.
 
-    .venv/bin/python examples/hf_drop_in.py [--model llama|mistral|gemma2|qwen2] [--new-tokens 24]
+    .venv/bin/python -m examples.hf_drop_in [--model llama|mistral|gemma2|qwen2] [--new-tokens 24]
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a random config: never touch a hub
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout, not installed
 
 import torch  # noqa: E402
 from transformers import (AutoModelForCausalLM, Gemma2Config, LlamaConfig,  # noqa: E402

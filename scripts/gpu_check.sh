@@ -6,7 +6,7 @@
 #   4. compute-sanitizer memcheck over a small subset (bad metadata included), with the
 #      caching allocator off so every out-of-bounds access hits a real allocation edge;
 #   5. a quick `pagedkv tune` of the benchmark keys, written to $OUT/launch_configs.json;
-#   6. benchmarks/bench_cuda.py with that table; its short table is printed last.
+#   6. python -m benchmarks.bench_cuda with that table; its short table is printed last.
 # Every step has a time limit (480 s in all); outputs go under $OUT (default
 # /tmp/pagedkv_gpu_check). The exit status is non-zero when any step failed (the
 # remaining steps still run); 2 when there is no GPU at all.
@@ -101,7 +101,7 @@ step "pagedkv tune --quick" 35 "$OUT/tune.log" \
 
 # 6. Benchmarks, last.
 step "bench_cuda" 50 "$OUT/bench.log" \
-  "$PY" benchmarks/bench_cuda.py --json "$OUT/bench.json"
+  "$PY" -m benchmarks.bench_cuda --json "$OUT/bench.json"
 
 echo
 echo "== summary ($((SECONDS - T0)) s total; outputs in $OUT)"

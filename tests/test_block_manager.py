@@ -1,4 +1,4 @@
-"""BlockManager: one test per rule of DESIGN.md §5, plus the block hash."""
+"""BlockManager: one test per rule of docs/design.md §5, plus the block hash."""
 
 import pickle
 

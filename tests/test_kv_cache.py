@@ -1,4 +1,4 @@
-"""KVCache: per-layer caches in the DESIGN layout, sized by blocks or bytes, any dtype."""
+"""KVCache: per-layer caches as in docs/design.md §2, sized by blocks or bytes, any dtype."""
 import pytest
 import torch
 

@@ -1,5 +1,5 @@
 """StepPlanner: the step's four metadata tensors, checked against their
-definition in DESIGN.md §2 and, end to end, against dense causal attention."""
+definition in docs/design.md §2 and, end to end, against dense causal attention."""
 
 import math
 

@@ -37,6 +37,26 @@ def _check_cpu(isa: str) -> None:
             "PAGEDKV_CPU_ISA=avx2 (or generic)")
 
 
+def _major_minor(version: str) -> str:
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
+def check_torch(built: str, running: str = torch.__version__) -> None:
+    """C++ extensions are not ABI compatible across torch minor versions: a library built
+    for another one fails to load or crashes, so refuse it with the fix instead."""
+    if _major_minor(built) != _major_minor(running):
+        raise ImportError(
+            f"torch_pagedkv._C was built against torch {_major_minor(built)} but torch "
+            f"{_major_minor(running)} is running: rebuild with `make build` (or "
+            "`pip install --no-build-isolation .`)")
+
+
+def _read_beside(here: str, name: str) -> str | None:
+    """A record setup.py writes beside the library (_C.isa, _C.torch); None if absent."""
+    path = os.path.join(here, name)
+    return open(path).read().strip() if os.path.exists(path) else None
+
+
 def load() -> str:
     here = os.path.dirname(os.path.abspath(__file__))
     found = sorted(glob.glob(os.path.join(here, "_C*.so")) + glob.glob(os.path.join(here, "_C*.pyd")))
@@ -45,8 +65,10 @@ def load() -> str:
             "torch_pagedkv._C is not built: run `make build` (or "
             "`pip install --no-build-isolation .`) in the checkout")
     path = found[0]
-    isa_file = os.path.join(here, "_C.isa")
-    _check_cpu(open(isa_file).read().strip() if os.path.exists(isa_file) else "avx2")
+    _check_cpu(_read_beside(here, "_C.isa") or "avx2")
+    built_torch = _read_beside(here, "_C.torch")
+    if built_torch is not None:  # a build older than the record is not checked
+        check_torch(built_torch)
     torch.ops.load_library(path)
     return path
 

@@ -1,6 +1,6 @@
 """Typed wrappers over torch.ops.pagedkv.*, each with its fake (meta) implementation
 beside it, so torch.compile traces the ops without running them.
-The contract (layout, semantics, errors) is DESIGN.md section 2.
+The contract (layout, semantics, errors) is docs/design.md §2.
 """
 from __future__ import annotations
 

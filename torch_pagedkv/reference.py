@@ -1,5 +1,5 @@
 """Plain-PyTorch implementations of every pagedkv op, with the exact semantics of
-DESIGN.md section 2. Slow and obvious on purpose: the kernels are tested against these.
+docs/design.md §2. Slow and obvious on purpose: the kernels are tested against these.
 """
 from __future__ import annotations
 

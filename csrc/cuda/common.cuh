@@ -48,7 +48,7 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
 }
 
 // fp32 -> fp8 byte: round_to_fp8(x / scale) saturated to the finite range, NaN stored as
-// 0 (DESIGN.md: an fp8 cache never holds inf or NaN). A true division, not a multiply by
+// 0 (docs/design.md §2: an fp8 cache never holds inf or NaN). A true division, not a multiply by
 // the reciprocal, so the stored bytes equal torch_pagedkv.reference.quantize exactly.
 template <typename Tag>
 __device__ __forceinline__ uint8_t quantize_fp8(float x, float scale) {

@@ -1,4 +1,4 @@
-"""Prefix-aware, ref-counted, LRU-evicting KV-cache block manager (DESIGN §5).
+"""Prefix-aware, ref-counted, LRU-evicting KV-cache block manager (docs/design.md §5).
 
 Host-side bookkeeping only: which physical cache blocks each sequence owns.
 Nothing here touches a tensor.
@@ -150,7 +150,7 @@ def _as_token_list(token_ids: Iterable[int]) -> list[int]:
 class BlockManager:
     """Maps sequences to KV-cache blocks, sharing committed full blocks.
 
-    See DESIGN.md §5 for the contract. Beyond it: ``allocate`` also takes
+    See docs/design.md §5 for the contract. Beyond it: ``allocate`` also takes
     ``extra_keys`` (adapter ids, multimodal ids, ...: mixed into every block
     hash of the sequence, like ``cache_salt``), and the constructor takes
     ``hash_seed`` (reproducible hashes; default: ``PAGEDKV_HASH_SEED``, else

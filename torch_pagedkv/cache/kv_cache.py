@@ -1,4 +1,4 @@
-"""KVCache: the per-layer key/value cache tensors of DESIGN.md section 2.
+"""KVCache: the per-layer key/value cache tensors of docs/design.md §2.
 
 Each layer gets its own contiguous key cache and value cache, shaped
 [num_blocks, block_size, num_kv_heads, head_size] (the NHD paged layout), so a

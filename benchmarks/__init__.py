@@ -1,0 +1,1 @@
+"""The benchmarks, run as modules from the checkout: `python -m benchmarks.bench_ops` etc."""
