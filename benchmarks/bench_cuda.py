@@ -7,7 +7,7 @@
     fp8 (e4m3fn, bf16 queries), with (b) and (c) as ratios to (a);
 (d) prefill tokens/s: an 8192-token prompt, and a 2048-token chunk over a 6144-token
     cached prefix;
-(e) specialized vs generic kernels (PAGEDKV_GENERIC_KERNELS=1) on decode and prefill.
+(e) specialized vs generic kernels (the generic_kernels knob) on decode and prefill.
 Times are medians of CUDA-event timed repeats after warm-up. Without a GPU it says so and
 exits 0 (make bench runs every benchmark).
 
@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import torch_pagedkv as pk  # noqa: E402
-from torch_pagedkv import reference  # noqa: E402
+from torch_pagedkv import knobs, reference  # noqa: E402
 from torch_pagedkv.tuning.tune import (  # noqa: E402
     NUM_HEADS, NUM_KV_HEADS, attention_workload, median_us, random_cache as tuned_random_cache)
 
@@ -71,15 +71,8 @@ def write_bandwidth(tokens, cache_dtype, gen, repeats) -> float:
 
 
 def with_generic(flag: bool, fn):
-    old = os.environ.get("PAGEDKV_GENERIC_KERNELS")
-    os.environ["PAGEDKV_GENERIC_KERNELS"] = "1" if flag else "0"
-    try:
+    with knobs.override(generic_kernels=flag):
         return fn()
-    finally:
-        if old is None:
-            del os.environ["PAGEDKV_GENERIC_KERNELS"]
-        else:
-            os.environ["PAGEDKV_GENERIC_KERNELS"] = old
 
 
 def run(repeats: int) -> dict:

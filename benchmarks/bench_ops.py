@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import torch_pagedkv as pk  # noqa: E402
+from torch_pagedkv import knobs  # noqa: E402
 from benchmarks.results_file import write_section  # noqa: E402
 
 BATCH, CONTEXT, HEADS, KV_HEADS, HEAD, BLOCK = 16, 2048, 32, 8, 128, 16
@@ -52,11 +53,8 @@ def interleaved(variants: dict, rounds: int) -> dict:
 def generic_kernels(fn):
     """fn run with the generic (unspecialized) kernels."""
     def run():
-        os.environ["PAGEDKV_GENERIC_KERNELS"] = "1"
-        try:
+        with knobs.override(generic_kernels=True):
             return fn()
-        finally:
-            del os.environ["PAGEDKV_GENERIC_KERNELS"]
     return run
 
 

@@ -1,5 +1,6 @@
 // paged_attention, CPU backend: validate everything, plan work items, run the kernel.
 #include "checks.h"
+#include "knobs.h"
 #include "cpu/attention_cpu.h"
 #include "cpu/ops_cpu.h"
 

@@ -15,7 +15,7 @@ PAGEDKV_DECLARE_BACKEND_OPS()
 // Shared by the glue files.
 DType dtype_of(at::ScalarType t);
 at::ScalarType scalar_type_of(DType d);
-bool debug_range_checks();           // PAGEDKV_DEBUG=1 and the stream is not capturing
+bool debug_range_checks();  // the debug knob (knobs.h) is on and the stream is not capturing
 void check_aligned(const char* op, const char* name, const at::Tensor& t, int64_t bytes);
 
 }  // namespace pagedkv::cuda

@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "checks.h"
+#include "knobs.h"
 #include "cuda/launch_config.h"
 #include "cuda/ops_cuda.h"
 
