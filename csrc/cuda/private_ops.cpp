@@ -128,6 +128,9 @@ TORCH_LIBRARY_FRAGMENT(pagedkv, m) {
       "int decode_threads, int partition_size, int prefill_threads, int write_threads) -> ()");
   // Drop every launch-config entry, so launches fall back to the heuristic.
   m.def("_clear_launch_configs() -> ()");
+  // Fill the table from torch_pagedkv's JSON files. Its kernel is Python, registered by
+  // torch_pagedkv/_load.py; the table runs it once, at its first use (launch_config.cpp).
+  m.def("_install_launch_configs() -> ()");
   // [decode_threads, partition_size, prefill_threads, write_threads, from_table] a launch uses.
   m.def("_launch_config(str device_name, int head_size, str dtype, int block_size) -> int[]");
   // CUDA occupancy of one kernel config on the current GPU (pagedkv occupancy).
