@@ -7,7 +7,7 @@
     fp8 (e4m3fn, bf16 queries), with (b) and (c) as ratios to (a);
 (d) prefill tokens/s: an 8192-token prompt, and a 2048-token chunk over a 6144-token
     cached prefix;
-(e) specialized vs generic kernels (PAGEDKV_GENERIC_KERNELS=1) on decode and prefill.
+(e) specialized vs generic kernels (the generic_kernels knob) on decode and prefill.
 Times are medians of CUDA-event timed repeats after warm-up. Without a GPU it says so and
 exits 0 (make bench runs every benchmark).
 
@@ -18,13 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 
 import torch
 
 import torch_pagedkv as pk
-from torch_pagedkv import reference
+from torch_pagedkv import knobs, reference
 from torch_pagedkv.tuning.tune import (
     NUM_HEADS, NUM_KV_HEADS, attention_workload, median_us, random_cache as tuned_random_cache)
 
@@ -70,15 +69,8 @@ def write_bandwidth(tokens, cache_dtype, gen, repeats) -> float:
 
 
 def with_generic(flag: bool, fn):
-    old = os.environ.get("PAGEDKV_GENERIC_KERNELS")
-    os.environ["PAGEDKV_GENERIC_KERNELS"] = "1" if flag else "0"
-    try:
+    with knobs.override(generic_kernels=flag):
         return fn()
-    finally:
-        if old is None:
-            del os.environ["PAGEDKV_GENERIC_KERNELS"]
-        else:
-            os.environ["PAGEDKV_GENERIC_KERNELS"] = old
 
 
 def run(repeats: int) -> dict:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 
 import torch_pagedkv as pk
 from benchmarks.results_file import write_section
+from torch_pagedkv import knobs
 
 BATCH, CONTEXT, HEADS, KV_HEADS, HEAD, BLOCK = 16, 2048, 32, 8, 128, 16
 
@@ -51,11 +51,8 @@ def interleaved(variants: dict, rounds: int) -> dict:
 def generic_kernels(fn):
     """fn run with the generic (unspecialized) kernels."""
     def run():
-        os.environ["PAGEDKV_GENERIC_KERNELS"] = "1"
-        try:
+        with knobs.override(generic_kernels=True):
             return fn()
-        finally:
-            del os.environ["PAGEDKV_GENERIC_KERNELS"]
     return run
 
 

@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <string>
-#include <cstdlib>
 #include <vector>
 
 namespace pagedkv {
@@ -108,19 +107,6 @@ void check_row_layout(const char* op, const char* name, const at::Tensor& t) {
 
 bool is_fp8(at::ScalarType t) {
   return t == at::ScalarType::Float8_e4m3fn || t == at::ScalarType::Float8_e5m2;
-}
-
-bool debug_checks_enabled() {
-  static const bool on = [] {
-    const char* v = std::getenv("PAGEDKV_DEBUG");
-    return v != nullptr && v[0] != '\0' && v[0] != '0';
-  }();
-  return on;
-}
-
-bool generic_kernels_forced() {
-  const char* v = std::getenv("PAGEDKV_GENERIC_KERNELS");
-  return v != nullptr && v[0] == '1';
 }
 
 WriteDims validate_reshape_and_cache(const at::Tensor& key, const at::Tensor& value,

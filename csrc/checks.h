@@ -4,7 +4,7 @@
 // actual value, before anything is written. validate_* run host-side checks of
 // shapes, dtypes, devices and strides (cheap, no data reads). check_*_ranges read the
 // index tensors, so they need them on the CPU: the CPU kernels always run them, the
-// CUDA glue only in debug mode (PAGEDKV_DEBUG=1), on host copies.
+// CUDA glue only in debug mode (knobs.h), on host copies.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -15,10 +15,6 @@
 namespace pagedkv {
 
 bool is_fp8(at::ScalarType t);
-bool debug_checks_enabled();  // PAGEDKV_DEBUG=1
-// PAGEDKV_GENERIC_KERNELS=1 selects the generic (unspecialized) kernels. Read per call so
-// a benchmark can compare specialized and generic kernels in one process.
-bool generic_kernels_forced();
 
 struct CacheDims {
   int64_t num_blocks, block_size, num_kv_heads, head_size;

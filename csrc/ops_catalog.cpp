@@ -1,6 +1,8 @@
-// The op catalog: every torch.ops.pagedkv schema, in one place (docs/design.md §2).
+// The op catalog: every public torch.ops.pagedkv schema, in one place (docs/design.md §2).
 // Backends register kernels with TORCH_LIBRARY_IMPL in their own files
 // (cpu/register_cpu.cpp, cuda/register_cuda.cpp); fake impls live in torch_pagedkv/ops.py.
+// Private ops (a leading underscore: runtime switches, launch configs) are not part of it:
+// TORCH_LIBRARY_FRAGMENT blocks in private_ops.cpp and cuda/private_ops.cpp define them.
 #include <torch/library.h>
 
 TORCH_LIBRARY(pagedkv, m) {
@@ -24,16 +26,4 @@ TORCH_LIBRARY(pagedkv, m) {
   // Copy blocks between two caches of the same block shape, possibly on different
   // devices (GPU cache <-> pinned CPU cache, for preemption by swapping).
   m.def("swap_blocks(Tensor src, Tensor(a!) dst, Tensor block_mapping) -> ()");
-  // Private (CUDA builds; torch_pagedkv/tuning): set one launch-config entry for a GPU name.
-  m.def(
-      "_set_launch_config(str device_name, int head_size, str dtype, int block_size, "
-      "int decode_threads, int partition_size, int prefill_threads, int write_threads) -> ()");
-  // Private: drop every launch-config entry, so launches fall back to the heuristic.
-  m.def("_clear_launch_configs() -> ()");
-  // Private: [decode_threads, partition_size, prefill_threads, write_threads, from_table] a launch uses.
-  m.def("_launch_config(str device_name, int head_size, str dtype, int block_size) -> int[]");
-  // Private: CUDA occupancy of one kernel config on the current GPU (pagedkv occupancy).
-  m.def(
-      "_occupancy(str kernel, str query_dtype, str cache_dtype, int head_size, int num_heads, "
-      "int num_kv_heads, int threads, int partition_size) -> int[]");
 }

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import torch_pagedkv as pk
-from torch_pagedkv import reference
+from torch_pagedkv import knobs, reference
 from torch_pagedkv.tuning import table
 from torch_pagedkv.tuning.table import Entry, LaunchConfig
 from paged_inputs import ATOL, FLOAT_DTYPES, FP8_DTYPES, make_batch, random_cache
@@ -48,17 +48,13 @@ def configs():
     table.install()
 
 
-def attend(batch, path=None, monkeypatch=None, **kw):
+def attend(batch, path=None, **kw):
     scale = 1.0 / math.sqrt(batch.query.shape[-1])
     kw.setdefault("k_scale", batch.k_scale)
     kw.setdefault("v_scale", batch.v_scale)
-    if path is not None:
-        monkeypatch.setenv("PAGEDKV_ATTENTION_PATH", path)
-    try:
+    forced = {} if path is None else {"attention_path": path}
+    with knobs.override(**forced):
         return pk.paged_attention(*batch.attention_args(), scale, **kw)
-    finally:
-        if path is not None:
-            monkeypatch.delenv("PAGEDKV_ATTENTION_PATH")
 
 
 def expected(batch, **kw):
@@ -81,28 +77,28 @@ def assert_matches(out, ref, dtype, atol=None):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("head_size", [64, 80, 96, 112, 128, 192, 256, 8, 40, 136, 512])
 @pytest.mark.parametrize("block_size", [8, 16, 32, 1, 12])
-def test_both_kernels_every_shape(monkeypatch, path, dtype, head_size, block_size):
+def test_both_kernels_every_shape(path, dtype, head_size, block_size):
     batch = make_batch(MIXED, 8, 2, head_size, block_size, dtype, device="cuda",
                        seed=head_size + block_size)
-    assert_matches(attend(batch, path, monkeypatch), expected(batch), dtype)
+    assert_matches(attend(batch, path), expected(batch), dtype)
 
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("cache_dtype", FP8_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("head_size,block_size", [(128, 16), (64, 8), (256, 32), (24, 3)])
-def test_fp8_caches(monkeypatch, path, dtype, cache_dtype, head_size, block_size):
+def test_fp8_caches(path, dtype, cache_dtype, head_size, block_size):
     batch = make_batch(MIXED, 8, 4, head_size, block_size, dtype, cache_dtype, device="cuda")
-    assert_matches(attend(batch, path, monkeypatch), expected(batch), dtype)
+    assert_matches(attend(batch, path), expected(batch), dtype)
 
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("num_heads,num_kv_heads", [
     (8, 8), (8, 4), (8, 2), (32, 8), (6, 2), (7, 1), (8, 1), (12, 1), (16, 1), (32, 1), (18, 2)])
-def test_gqa_groups_including_chunked(monkeypatch, path, num_heads, num_kv_heads):
+def test_gqa_groups_including_chunked(path, num_heads, num_kv_heads):
     """Groups up to 8 heads share one CTA; larger ones (12, 16, 32) split into chunks."""
     batch = make_batch(MIXED, num_heads, num_kv_heads, 128, 16, torch.float16, device="cuda")
-    assert_matches(attend(batch, path, monkeypatch), expected(batch), torch.float16)
+    assert_matches(attend(batch, path), expected(batch), torch.float16)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -110,18 +106,18 @@ def test_gqa_groups_including_chunked(monkeypatch, path, num_heads, num_kv_heads
     dict(sliding_window=1), dict(sliding_window=7), dict(sliding_window=600),
     dict(softcap=3.0), dict(alibi_slopes=True),
     dict(sliding_window=100, softcap=2.0, alibi_slopes=True)])
-def test_features(monkeypatch, path, feature):
+def test_features(path, feature):
     batch = make_batch([(1, 1500), (1, 700), (40, 900), (0, 3), (9, 9)], 16, 4, 128, 16,
                        torch.bfloat16, device="cuda", seed=3)
     kw = dict(feature)
     if kw.pop("alibi_slopes", False):
         kw["alibi_slopes"] = torch.rand(16, generator=torch.Generator().manual_seed(2)).cuda()
-    assert_matches(attend(batch, path, monkeypatch, **kw), expected(batch, **kw), torch.bfloat16)
+    assert_matches(attend(batch, path, **kw), expected(batch, **kw), torch.bfloat16)
 
 
 @pytest.mark.parametrize("partition_size", [64, 128, 512, 1024])
 @pytest.mark.parametrize("window", [-1, 65, 200])
-def test_decode_partition_edges(monkeypatch, configs, partition_size, window):
+def test_decode_partition_edges(configs, partition_size, window):
     """Context lengths on and around partition boundaries, one or many partitions per row,
     windows that start the visible keys past the first partition."""
     P = partition_size
@@ -129,14 +125,14 @@ def test_decode_partition_edges(monkeypatch, configs, partition_size, window):
     configs(64, torch.float32, 16, partition_size=P)
     batch = make_batch([(1, n) for n in lens], 4, 2, 64, 16, torch.float32, device="cuda",
                        columns=-(-max(lens) // 16) + 3)
-    out = attend(batch, "decode", monkeypatch, sliding_window=window)
+    out = attend(batch, "decode", sliding_window=window)
     assert_matches(out, expected(batch, sliding_window=window), torch.float32)
 
 
 @pytest.mark.parametrize("decode_threads", [64, 128, 256])
 @pytest.mark.parametrize("partition_size", [64, 256, 512, 1024])
 @pytest.mark.parametrize("prefill_threads", [64, 128, 256])
-def test_every_launch_config_gives_the_same_result(monkeypatch, configs, decode_threads,
+def test_every_launch_config_gives_the_same_result(configs, decode_threads,
                                                    partition_size, prefill_threads):
     configs(128, torch.bfloat16, 16, decode_threads=decode_threads,
             partition_size=partition_size, prefill_threads=prefill_threads)
@@ -144,27 +140,27 @@ def test_every_launch_config_gives_the_same_result(monkeypatch, configs, decode_
                        device="cuda", seed=11)
     ref = expected(batch)
     for path in PATHS:
-        assert_matches(attend(batch, path, monkeypatch), ref, torch.bfloat16)
+        assert_matches(attend(batch, path), ref, torch.bfloat16)
 
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn], ids=dtype_id)
-def test_generic_kernel_matches_specialized(monkeypatch, path, cache_dtype):
+def test_generic_kernel_matches_specialized(path, cache_dtype):
     batch = make_batch(MIXED + [(1, 1200)], 32, 8, 128, 16, torch.bfloat16, cache_dtype,
                        device="cuda")
-    special = attend(batch, path, monkeypatch)
-    monkeypatch.setenv("PAGEDKV_GENERIC_KERNELS", "1")
-    generic = attend(batch, path, monkeypatch)
+    special = attend(batch, path)
+    with knobs.override(generic_kernels=True):
+        generic = attend(batch, path)
     torch.testing.assert_close(special.float(), generic.float(), atol=1.6e-2, rtol=0)
     assert_matches(generic, expected(batch), torch.bfloat16)
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_batch_kinds(monkeypatch, path):
+def test_batch_kinds(path):
     for seqs in ([(1, 4100)] * 3, [(300, 300)], [(64, 1000)], [(0, 5), (0, 9)], [(1, 1)],
                  [(2, 40), (0, 3), (1, 1)], [(1, 17)] * 70):
         batch = make_batch(seqs, 8, 2, 64, 16, torch.float32, device="cuda")
-        assert_matches(attend(batch, path, monkeypatch), expected(batch), torch.float32)
+        assert_matches(attend(batch, path), expected(batch), torch.float32)
 
 
 def test_strided_metadata_views():
@@ -182,7 +178,7 @@ def test_strided_metadata_views():
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_out_of_range_block_ids_never_fault(monkeypatch, path):
+def test_out_of_range_block_ids_never_fault(path):
     """Bad ids inside the visible range are skipped on the device (no fault, finite output);
     the stream stays usable."""
     batch = make_batch([(1, 300), (3, 50), (1, 2000)], 8, 2, 64, 16, torch.float16, device="cuda")
@@ -190,7 +186,7 @@ def test_out_of_range_block_ids_never_fault(monkeypatch, path):
     batch.block_table[0, 2] = nb
     batch.block_table[1, 0] = -5
     batch.block_table[2, 7] = 2**31 - 1
-    out = attend(batch, path, monkeypatch)
+    out = attend(batch, path)
     torch.cuda.synchronize()
     assert torch.isfinite(out.float()).all()
     # Rows whose keys are all readable are unaffected.
@@ -199,7 +195,7 @@ def test_out_of_range_block_ids_never_fault(monkeypatch, path):
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_malformed_lengths_never_fault(monkeypatch, path):
+def test_malformed_lengths_never_fault(path):
     """seq_lens beyond the table or negative, query_start_loc out of order or past the
     rows: no fault (compute-sanitizer in scripts/gpu_check.sh checks no access is out of
     bounds)."""
@@ -208,7 +204,7 @@ def test_malformed_lengths_never_fault(monkeypatch, path):
     batch.seq_lens[1] = -7
     for qsl in ([0, 1, 3, 4], [0, 3, 1, 4], [0, 1, 99, 4], [-3, 1, 3, 4]):
         batch.query_start_loc.copy_(torch.tensor(qsl, dtype=torch.int32))
-        attend(batch, path, monkeypatch)
+        attend(batch, path)
     torch.cuda.synchronize()
 
 

@@ -129,24 +129,62 @@ def test_applied_entries_are_used_and_keys_are_exact():
         table.install()
 
 
+# What a fresh process installs, through the lazy path of a CUDA build (the first
+# launch-config lookup runs table.install()) or, without CUDA kernels, by calling it.
+FIRST_LOOKUP = """
+import torch_pagedkv as pk
+from torch_pagedkv.tuning import table
+if pk.HAS_CUDA_KERNELS:
+    print(table.lookup('env GPU', 128, 'bfloat16', 16))
+else:
+    print(table.install())
+"""
+
+
 def test_user_table_from_environment(tmp_path):
     path = tmp_path / "mine.json"
     path.write_text(doc({**GOOD, "gpu": "env GPU", "decode_threads": 64}))
-    code = ("import torch_pagedkv.tuning as t; from torch_pagedkv.tuning import table; "
-            "print(t.INSTALLED_ENTRIES); "
-            "print(table.lookup('env GPU', 128, 'bfloat16', 16) if table.HAS_CUDA_KERNELS else '')")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-c", FIRST_LOOKUP], capture_output=True, text=True,
                          env={**os.environ, table.ENV_PATH: str(path)})
     assert run.returncode == 0, run.stderr
-    lines = run.stdout.splitlines()
     if pk.HAS_CUDA_KERNELS:
-        assert int(lines[0]) >= 1
-        assert "decode_threads=64" in lines[1] and "True" in lines[1]
+        assert "decode_threads=64" in run.stdout and "True" in run.stdout
     path.write_text("{ broken")
-    run = subprocess.run([sys.executable, "-c", "import torch_pagedkv.tuning"],
-                         capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-c", FIRST_LOOKUP], capture_output=True, text=True,
                          env={**os.environ, table.ENV_PATH: str(path)})
     assert run.returncode == 0 and "ignored" in run.stderr
+
+
+def test_import_does_not_load_the_table():
+    code = "import sys, torch_pagedkv; print('torch_pagedkv.tuning' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "False"
+
+
+LAZY_INSTALL = """
+import torch, torch_pagedkv
+from torch_pagedkv.tuning import table
+calls = []
+install = table.install
+table.install = lambda: calls.append(1) or install()
+for _ in range(2):
+    from_table = torch.ops.pagedkv._launch_config('env GPU', 128, 'bfloat16', 16)[4]
+    print(f"installs={len(calls)} from_table={from_table}")
+"""
+
+
+@needs_cuda_build
+def test_first_lookup_installs_the_table_once(tmp_path):
+    """The first lookup installs the table (a launch looks up the same way), so import did
+    not, and later lookups do not again. The shipped table is empty today, so the entry
+    comes from a user file, installed by the same call."""
+    path = tmp_path / "mine.json"
+    path.write_text(doc({**GOOD, "gpu": "env GPU"}))
+    run = subprocess.run([sys.executable, "-c", LAZY_INSTALL], capture_output=True, text=True,
+                         env={**os.environ, table.ENV_PATH: str(path)})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["installs=1 from_table=1"] * 2
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")

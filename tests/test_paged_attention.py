@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import torch_pagedkv as pk
-from torch_pagedkv import reference
+from torch_pagedkv import knobs, reference
 from conftest import DEVICES
 from paged_inputs import ATOL, FLOAT_DTYPES, FP8_DTYPES, make_batch
 
@@ -90,11 +90,11 @@ def test_query_views(device):
     check(batch, torch.float32)
 
 
-def test_generic_kernel_matches_specialized(monkeypatch):
+def test_generic_kernel_matches_specialized():
     batch = make_batch(MIXED, 8, 2, 128, 16, torch.bfloat16)
     special = pk.paged_attention(*batch.attention_args(), 0.1)
-    monkeypatch.setenv("PAGEDKV_GENERIC_KERNELS", "1")
-    generic = pk.paged_attention(*batch.attention_args(), 0.1)
+    with knobs.override(generic_kernels=True):
+        generic = pk.paged_attention(*batch.attention_args(), 0.1)
     torch.testing.assert_close(special.float(), generic.float(), atol=1e-2, rtol=0)
 
 

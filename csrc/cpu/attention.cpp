@@ -1,5 +1,6 @@
 // paged_attention, CPU backend: validate everything, plan work items, run the kernel.
 #include "checks.h"
+#include "knobs.h"
 #include "cpu/attention_cpu.h"
 #include "cpu/ops_cpu.h"
 
@@ -110,9 +111,8 @@ at::Tensor paged_attention(const at::Tensor& query_in, const at::Tensor& key_cac
       plan_items(a.query_start_loc, a.seq_lens, d.num_seqs, a.num_kv_heads,
                  a.num_heads / a.num_kv_heads, a.sliding_window);
   if (fp8) {
-    const CacheKind c = key_cache.scalar_type() == at::ScalarType::Float8_e4m3fn
-                            ? CacheKind::kFp8E4m3
-                            : CacheKind::kFp8E5m2;
+    const Fp8Kind c = key_cache.scalar_type() == at::ScalarType::Float8_e4m3fn ? Fp8Kind::kE4m3
+                                                                              : Fp8Kind::kE5m2;
     attention_fp8(a, items, query_kind(query.scalar_type()), c);
     return out;
   }

@@ -40,7 +40,7 @@ struct WorkItem {
   int32_t row_begin, row_end;  // relative to the sequence's first query row
 };
 
-enum class CacheKind { kSame, kFp8E4m3, kFp8E5m2 };
+enum class Fp8Kind { kE4m3, kE5m2 };  // the cache format of attention_fp8
 enum class QueryKind { kFloat, kHalf, kBFloat16 };
 
 // One entry point per translation unit (attention_*.cpp), so the template
@@ -49,6 +49,6 @@ void attention_float(const AttnArgs& a, const std::vector<WorkItem>& items, bool
 void attention_half(const AttnArgs& a, const std::vector<WorkItem>& items, bool generic);
 void attention_bfloat16(const AttnArgs& a, const std::vector<WorkItem>& items, bool generic);
 void attention_fp8(const AttnArgs& a, const std::vector<WorkItem>& items, QueryKind q,
-                   CacheKind c);
+                   Fp8Kind c);
 
 }  // namespace pagedkv::cpu

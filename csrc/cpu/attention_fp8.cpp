@@ -7,8 +7,8 @@ namespace pagedkv::cpu {
 namespace {
 
 template <typename q_t>
-void run_fp8(const AttnArgs& raw, const std::vector<WorkItem>& items, CacheKind c) {
-  if (c == CacheKind::kFp8E4m3) {
+void run_fp8(const AttnArgs& raw, const std::vector<WorkItem>& items, Fp8Kind c) {
+  if (c == Fp8Kind::kE4m3) {
     attention_cpu<q_t, c10::Float8_e4m3fn, 0, 0>(TypedArgs<q_t, c10::Float8_e4m3fn>(raw), items);
   } else {
     attention_cpu<q_t, c10::Float8_e5m2, 0, 0>(TypedArgs<q_t, c10::Float8_e5m2>(raw), items);
@@ -30,7 +30,7 @@ const float* fp8_table(bool e4m3) {
 }
 
 void attention_fp8(const AttnArgs& raw, const std::vector<WorkItem>& items, QueryKind q,
-                   CacheKind c) {
+                   Fp8Kind c) {
   switch (q) {
     case QueryKind::kFloat: run_fp8<float>(raw, items, c); break;
     case QueryKind::kHalf: run_fp8<c10::Half>(raw, items, c); break;

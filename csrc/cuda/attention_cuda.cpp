@@ -8,11 +8,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 
 #include "checks.h"
+#include "knobs.h"
 #include "cuda/launch_config.h"
 #include "cuda/ops_cuda.h"
 
@@ -22,13 +21,14 @@ namespace {
 // Which kernel serves a batch. Decode (one CTA row per query row, split-K over the keys)
 // is right when there is at most one query row per sequence on average; otherwise the
 // prefill kernel shares each K/V tile across a tile of rows. Both kernels are correct
-// for any batch, so the choice depends on shapes only. PAGEDKV_ATTENTION_PATH=decode or
-// prefill forces one (tests cross-check the two).
+// for any batch, so the choice depends on shapes only. The attention_path knob forces one
+// (tests cross-check the two).
 bool use_decode_path(int64_t num_q_tokens, int64_t num_seqs) {
-  const char* v = std::getenv("PAGEDKV_ATTENTION_PATH");
-  if (v != nullptr && std::strcmp(v, "decode") == 0) return true;
-  if (v != nullptr && std::strcmp(v, "prefill") == 0) return false;
-  return num_q_tokens <= num_seqs;
+  switch (attention_path()) {
+    case AttentionPath::kDecode: return true;
+    case AttentionPath::kPrefill: return false;
+    default: return num_q_tokens <= num_seqs;
+  }
 }
 
 // Runs f(QueryTag, CacheTag) for the validated dtypes: a non-fp8 cache has the query's

@@ -11,9 +11,9 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
-#include <cstdlib>
 
 #include "checks.h"
+#include "knobs.h"
 #include "cuda/launch_config.h"
 #include "cuda/ops_cuda.h"
 

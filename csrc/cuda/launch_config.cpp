@@ -1,8 +1,10 @@
 // Launch-config table, heuristic, and the shape-only sizing helpers of kernels.h.
 #include "cuda/launch_config.h"
 
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <cuda_runtime_api.h>
 
+#include <atomic>
 #include <initializer_list>
 #include <map>
 #include <mutex>
@@ -125,18 +127,46 @@ Table& table() {
   return t;
 }
 
+// Fills the table at its first use, not at `import torch_pagedkv`: runs the private op
+// pagedkv::_install_launch_configs, whose kernel torch_pagedkv/_load.py registers in
+// Python (it reads the shipped JSON table and $PAGEDKV_LAUNCH_CONFIGS). Without that
+// kernel (the library loaded on its own) the table starts empty. Every table access
+// calls this first, so an entry set or cleared by hand is never overwritten later; the
+// install itself sets entries through the same path, so its own thread returns at once.
+// Called before taking the table mutex, which the install's set_config calls take.
+void install_once() {
+  static std::atomic<bool> done{false};
+  static std::mutex mu;
+  thread_local bool installing = false;
+  if (done.load(std::memory_order_acquire) || installing) return;
+  std::lock_guard<std::mutex> lock(mu);
+  if (done.load(std::memory_order_relaxed)) return;
+  auto op = c10::Dispatcher::singleton().findSchema({"pagedkv::_install_launch_configs", ""});
+  if (op.has_value() && op->hasKernelForDispatchKey(c10::DispatchKey::CompositeExplicitAutograd)) {
+    installing = true;
+    struct Reset {
+      bool& flag;
+      ~Reset() { flag = false; }
+    } reset{installing};
+    op->typed<void()>().call();  // an error propagates, and the next access tries again
+  }
+  done.store(true, std::memory_order_release);
+}
+
 }  // namespace
 
 void set_config(const std::string& device_name, int head_size, DType cache, int block_size,
                 const LaunchConfig& c) {
   const std::string err = config_error(c);
   if (!err.empty()) throw std::invalid_argument(err);
+  install_once();
   Table& t = table();
   std::lock_guard<std::mutex> lock(t.mu);
   t.entries[Key{device_name, head_size, int(cache), block_size}] = c;
 }
 
 void clear_configs() {
+  install_once();
   Table& t = table();
   std::lock_guard<std::mutex> lock(t.mu);
   t.entries.clear();
@@ -144,6 +174,7 @@ void clear_configs() {
 
 LaunchConfig find_config(const std::string& device_name, int head_size, DType cache,
                          int block_size, bool* from_table) {
+  install_once();
   {
     Table& t = table();
     std::lock_guard<std::mutex> lock(t.mu);

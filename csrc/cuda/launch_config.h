@@ -1,7 +1,8 @@
 // Launch configurations of the CUDA kernels: a table keyed by (GPU name, head size,
 // cache dtype, block size), filled from torch_pagedkv/configs/launch_configs.json by
-// torch_pagedkv/tuning/table.py (through the private op pagedkv::_set_launch_config),
-// with a heuristic for every key the table lacks. Torch-free.
+// torch_pagedkv/tuning/table.py (through the private op pagedkv::_set_launch_config) at
+// the table's first use, with a heuristic for every key the table lacks. This header is
+// torch-free.
 //
 // A config changes only launch parameters whose effect is fixed at launch (threads, the
 // decode partition size), never the results beyond float rounding; and it is looked up
@@ -26,7 +27,9 @@ LaunchConfig heuristic_config(int head_size, DType cache, int block_size);
 // Empty string when `c` is usable, else what is wrong with it.
 std::string config_error(const LaunchConfig& c);
 
-// Table access (thread-safe). set_config throws std::invalid_argument on a bad config.
+// Table access (thread-safe). The first access of the process installs the shipped
+// table (see install_once in launch_config.cpp). set_config throws
+// std::invalid_argument on a bad config.
 void set_config(const std::string& device_name, int head_size, DType cache, int block_size,
                 const LaunchConfig& c);
 void clear_configs();

@@ -1,141 +1,15 @@
-// CUDA kernels for the pagedkv ops, and the private ops that feed the launch-config
-// table and report occupancy (schemas at the end of ops_catalog.cpp).
+// CUDA kernels for the pagedkv ops (schemas in ops_catalog.cpp).
 //
 // swap_blocks is registered for CUDA only: the dispatcher picks the CUDA kernel when any
 // tensor argument is on CUDA, so a GPU <-> CPU swap lands here and a CPU <-> CPU one on
 // the CPU kernel.
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAFunctions.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <stdexcept>
-
-#include "checks.h"
-#include "cuda/launch_config.h"
 #include "cuda/ops_cuda.h"
-
-namespace pagedkv::cuda {
-namespace {
-
-DType parse_dtype_or_throw(const char* op, const std::string& name) {
-  DType d;
-  TORCH_CHECK(parse_dtype(name, &d), op, ": dtype must be one of float32, float16, bfloat16, "
-              "float8_e4m3fn, float8_e5m2, got '", name, "'");
-  return d;
-}
-
-}  // namespace
-
-void set_launch_config(const std::string& device_name, int64_t head_size,
-                       const std::string& dtype, int64_t block_size, int64_t decode_threads,
-                       int64_t partition_size, int64_t prefill_threads, int64_t write_threads) {
-  const char* op = "_set_launch_config";
-  const DType d = parse_dtype_or_throw(op, dtype);
-  TORCH_CHECK(head_size >= 8 && head_size <= 512 && head_size % 8 == 0, op,
-              ": head_size must be a multiple of 8 in [8, 512], got ", head_size);
-  TORCH_CHECK(block_size >= 1 && block_size <= 256, op, ": block_size must be in [1, 256], got ",
-              block_size);
-  const LaunchConfig c{int(decode_threads), int(partition_size), int(prefill_threads),
-                       int(write_threads)};
-  const std::string err = config_error(c);
-  TORCH_CHECK(err.empty(), op, ": ", err);
-  set_config(device_name, int(head_size), d, int(block_size), c);
-}
-
-void clear_launch_configs() { clear_configs(); }
-
-std::vector<int64_t> launch_config(const std::string& device_name, int64_t head_size,
-                                   const std::string& dtype, int64_t block_size) {
-  const DType d = parse_dtype_or_throw("_launch_config", dtype);
-  bool from_table = false;
-  const LaunchConfig c = find_config(device_name, int(head_size), d, int(block_size), &from_table);
-  return {c.decode_threads, c.partition_size, c.prefill_threads, c.write_threads,
-          from_table ? 1 : 0};
-}
-
-std::vector<int64_t> occupancy(const std::string& kernel, const std::string& query_dtype,
-                               const std::string& cache_dtype, int64_t head_size,
-                               int64_t num_heads, int64_t num_kv_heads, int64_t threads,
-                               int64_t partition_size) {
-  const char* op = "_occupancy";
-  const DType q = parse_dtype_or_throw(op, query_dtype);
-  const DType c = parse_dtype_or_throw(op, cache_dtype);
-  TORCH_CHECK(num_kv_heads >= 1 && num_heads % num_kv_heads == 0, op,
-              ": num_heads must be a multiple of num_kv_heads");
-  TORCH_CHECK(head_size >= 8 && head_size <= 512 && head_size % 8 == 0, op,
-              ": head_size must be a multiple of 8 in [8, 512], got ", head_size);
-  TORCH_CHECK(c10::cuda::device_count() > 0, op, ": no CUDA device");
-  const int device = c10::cuda::current_device();
-  const c10::cuda::CUDAGuard guard(c10::Device(c10::DeviceType::CUDA, device));
-  const int hp = heads_per_cta(int(num_heads / num_kv_heads));
-  const bool generic = generic_kernels_forced();
-  KernelInfo info{};
-  cudaError_t err = cudaErrorInvalidValue;
-  auto attention = [&](auto qt, auto ct) {
-    using Q = decltype(qt);
-    using C = decltype(ct);
-    if (kernel == "decode") {
-      err = decode_kernel_info<Q, C>(AttentionKernel::kDecode, int(head_size), hp, generic,
-                                     int(threads),
-                                     decode_smem_bytes(int(head_size), hp, int(partition_size)),
-                                     &info);
-    } else if (kernel == "decode_reduce") {
-      err = decode_kernel_info<Q, C>(AttentionKernel::kDecodeReduce, int(head_size), hp, generic,
-                                     int(threads), 0, &info);
-    } else {
-      err = prefill_kernel_info<Q, C>(int(head_size), generic, int(threads),
-                                      prefill_smem_bytes(int(head_size)), &info);
-    }
-  };
-  if (kernel == "decode" || kernel == "decode_reduce" || kernel == "prefill") {
-    const bool cache_fp8 = c == DType::kFp8E4M3 || c == DType::kFp8E5M2;
-    TORCH_CHECK(q != DType::kFp8E4M3 && q != DType::kFp8E5M2 && (cache_fp8 || q == c), op,
-                ": query dtype ", query_dtype, " does not go with cache dtype ", cache_dtype);
-    auto with_cache = [&](auto qt) {
-      switch (c) {
-        case DType::kFp8E4M3: attention(qt, E4M3{}); break;
-        case DType::kFp8E5M2: attention(qt, E5M2{}); break;
-        default: attention(qt, qt); break;
-      }
-    };
-    switch (q) {
-      case DType::kFloat16: with_cache(F16{}); break;
-      case DType::kBFloat16: with_cache(BF16{}); break;
-      default: with_cache(F32{}); break;
-    }
-  } else if (kernel == "reshape_and_cache") {
-    err = cache_kernel_info(0, q, c, int(threads), &info);
-  } else if (kernel == "copy_blocks") {
-    err = cache_kernel_info(1, q, c, int(threads), &info);
-  } else if (kernel == "swap_blocks") {
-    err = cache_kernel_info(2, q, c, int(threads), &info);
-  } else {
-    TORCH_CHECK(false, op, ": kernel must be one of decode, decode_reduce, prefill, "
-                "reshape_and_cache, copy_blocks, swap_blocks, got '", kernel, "'");
-  }
-  C10_CUDA_CHECK(err);
-  cudaDeviceProp prop{};
-  C10_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
-  return {info.max_active_blocks_per_sm, info.num_regs, info.local_bytes,
-          info.static_smem_bytes, info.dynamic_smem_bytes, info.max_threads_per_block,
-          prop.maxThreadsPerMultiProcessor, prop.multiProcessorCount};
-}
-
-}  // namespace pagedkv::cuda
 
 TORCH_LIBRARY_IMPL(pagedkv, CUDA, m) {
   m.impl("reshape_and_cache", &pagedkv::cuda::reshape_and_cache);
   m.impl("paged_attention", &pagedkv::cuda::paged_attention);
   m.impl("copy_blocks", &pagedkv::cuda::copy_blocks);
   m.impl("swap_blocks", &pagedkv::cuda::swap_blocks);
-}
-
-// The private ops take no tensors, so the dispatcher has no backend key for them: a
-// CompositeExplicitAutograd kernel is what it calls.
-TORCH_LIBRARY_IMPL(pagedkv, CompositeExplicitAutograd, m) {
-  m.impl("_set_launch_config", &pagedkv::cuda::set_launch_config);
-  m.impl("_clear_launch_configs", &pagedkv::cuda::clear_launch_configs);
-  m.impl("_launch_config", &pagedkv::cuda::launch_config);
-  m.impl("_occupancy", &pagedkv::cuda::occupancy);
 }

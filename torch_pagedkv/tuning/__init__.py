@@ -1,8 +1,7 @@
 """CUDA launch configurations: the shipped table (table.py), `pagedkv tune` (tune.py) and
-`pagedkv occupancy` (occupancy.py). Importing this package installs the table into the
-kernels once per process."""
+`pagedkv occupancy` (occupancy.py). The kernels install the table themselves, at the
+first launch-config lookup of the process (torch_pagedkv/_load.py); importing this
+package does not."""
 from . import table
 
-INSTALLED_ENTRIES = table.install()
-
-__all__ = ["table", "INSTALLED_ENTRIES"]
+__all__ = ["table"]

@@ -9,11 +9,11 @@ memory per CTA, resident CTAs per SM and the resulting share of the SM's threads
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
 
+from .. import knobs
 from . import table
 from .tune import unavailable
 
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pagedkv occupancy: {why}", file=sys.stderr)
         return 1
     if args.generic:
-        os.environ["PAGEDKV_GENERIC_KERNELS"] = "1"  # read per call by the C++ side
+        knobs.set_knob("generic_kernels", True)
 
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     print(f"{props.name}: {props.multi_processor_count} SMs, "

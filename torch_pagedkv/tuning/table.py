@@ -4,7 +4,8 @@ kernel uses, per (GPU name, head size, cache dtype, block size).
 The table ships as torch_pagedkv/configs/launch_configs.json (written by `pagedkv tune`);
 $PAGEDKV_LAUNCH_CONFIGS may name one more file whose entries win. `install()` validates
 both and hands the entries for every GPU to the C++ side (pagedkv::_set_launch_config);
-a launch whose key is missing uses the C++ heuristic. The configs change only launch
+the C++ table runs it once, at its first use (csrc/cuda/launch_config.cpp). A launch
+whose key is missing uses the C++ heuristic. The configs change only launch
 parameters, never results beyond float rounding, and are looked up from shapes and the
 device, never from metadata, so CUDA graphs stay valid.
 """
@@ -177,9 +178,10 @@ def heuristic(head_size: int, dtype: str, block_size: int) -> LaunchConfig:
 
 
 def install() -> int:
-    """Loads the shipped table and $PAGEDKV_LAUNCH_CONFIGS and applies them (called once,
-    at import of torch_pagedkv.tuning). A broken shipped table is a bug and raises; a
-    broken user file is skipped with a warning so that it cannot break `import`."""
+    """Loads the shipped table and $PAGEDKV_LAUNCH_CONFIGS and applies them (the C++ table
+    calls it once, at its first use; tests call it again to restore the table). A broken
+    shipped table is a bug and raises; a broken user file is skipped with a warning so
+    that it cannot break a launch."""
     entries = load(DEFAULT_PATH)
     user = os.environ.get(ENV_PATH)
     if user:

@@ -1,0 +1,74 @@
+"""Every PAGEDKV_* environment variable, and the runtime switches of the kernels.
+
+Build time (read by setup.py and the Makefile):
+
+=========================  =================================================================
+PAGEDKV_CUDA               0, 1 or auto (default): build the CUDA kernels (auto: when torch
+                           is a CUDA build and nvcc is found)
+PAGEDKV_CPU_ISA            avx2 (setup.py default), avx512, native or generic: the CPU
+                           kernels' ISA (`make` picks avx512 where the CPU has it)
+PAGEDKV_BUILD_CACHE        1 (default) or 0: `make build` reuses a library built from the
+                           same sources; 0 always compiles
+=========================  =================================================================
+
+Run time, Python (read where used):
+
+=========================  =================================================================
+PAGEDKV_LAUNCH_CONFIGS     a launch-config file whose entries win over the shipped table
+                           (tuning/table.py), read at the first CUDA launch
+PAGEDKV_HASH_SEED          seed of the prefix-cache block hashes when the BlockManager gets
+                           no hash_seed (cache/block_hash.py); unset: random per process
+=========================  =================================================================
+
+Run time, kernels: each is read once per process, at the first op call, and can then be
+changed with `set_knob` or `override` (the op calls read the current value, never the
+environment):
+
+=========================  ===============  ================================================
+variable                   knob             values
+=========================  ===============  ================================================
+PAGEDKV_GENERIC_KERNELS    generic_kernels  on: the generic (run-time shape) kernels instead
+                                            of the specialized ones (CPU and CUDA)
+PAGEDKV_ATTENTION_PATH     attention_path   auto (default), decode or prefill: force one
+                                            CUDA attention kernel whatever the batch
+PAGEDKV_DEBUG              debug            on: the CUDA ops also range-check the metadata
+                                            on the host (a synchronization per call)
+=========================  ===============  ================================================
+
+A flag variable is on when it is set, non-empty and not "0".
+
+    with knobs.override(generic_kernels=True):
+        out = torch_pagedkv.paged_attention(...)
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from . import _load  # noqa: F401  (defines torch.ops.pagedkv._set_knob)
+
+KNOBS = ("generic_kernels", "attention_path", "debug")
+
+
+def set_knob(name: str, value: bool | str) -> str:
+    """Sets a kernel knob (a bool for a flag, a string for attention_path) and returns its
+    previous value as a string ("0"/"1" for a flag). Raises RuntimeError on an unknown
+    name or value."""
+    if isinstance(value, bool):
+        value = "1" if value else "0"
+    return torch.ops.pagedkv._set_knob(name, value)
+
+
+@contextlib.contextmanager
+def override(**knobs: bool | str) -> Iterator[None]:
+    """Sets the given knobs for the duration of the block, then restores their values."""
+    previous: list[tuple[str, str]] = []
+    try:
+        for name, value in knobs.items():
+            previous.append((name, set_knob(name, value)))
+        yield
+    finally:
+        for name, value in reversed(previous):
+            set_knob(name, value)
