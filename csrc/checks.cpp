@@ -282,23 +282,36 @@ void check_attention_ranges(const at::Tensor& block_table, const at::Tensor& seq
 }
 
 void check_block_mapping_ranges(const char* op, const at::Tensor& block_mapping,
-                                int64_t src_blocks, int64_t dst_blocks, bool distinct_dst) {
+                                int64_t src_blocks, int64_t dst_blocks, bool in_place) {
   const at::Tensor m = block_mapping.contiguous();
   const int64_t* p = m.data_ptr<int64_t>();
   const int64_t n = m.size(0);
-  std::vector<int64_t> dsts(n);
   for (int64_t i = 0; i < n; ++i) {
     TORCH_CHECK(p[2 * i] >= 0 && p[2 * i] < src_blocks, op, ": block_mapping[", i,
                 ", 0] (src) must be in [0, ", src_blocks, "), got ", p[2 * i]);
     TORCH_CHECK(p[2 * i + 1] >= 0 && p[2 * i + 1] < dst_blocks, op, ": block_mapping[", i,
                 ", 1] (dst) must be in [0, ", dst_blocks, "), got ", p[2 * i + 1]);
-    dsts[i] = p[2 * i + 1];
   }
-  if (!distinct_dst) return;
+  if (!in_place) return;
+  // (block, pair index) of every destination, sorted: duplicates sit side by side and
+  // each source is found by binary search.
+  std::vector<std::pair<int64_t, int64_t>> dsts(n);
+  for (int64_t i = 0; i < n; ++i) dsts[i] = {p[2 * i + 1], i};
   std::sort(dsts.begin(), dsts.end());
-  auto dup = std::adjacent_find(dsts.begin(), dsts.end());
-  TORCH_CHECK(dup == dsts.end(), op, ": block_mapping destinations must be distinct, got dst ",
-              (dup == dsts.end() ? 0 : *dup), " more than once");
+  for (int64_t i = 1; i < n; ++i) {
+    TORCH_CHECK(dsts[i].first != dsts[i - 1].first, op,
+                ": block_mapping destinations must be distinct, got dst ", dsts[i].first,
+                " in pairs ", dsts[i - 1].second, " and ", dsts[i].second);
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const auto hit = std::lower_bound(dsts.begin(), dsts.end(),
+                                      std::pair<int64_t, int64_t>{p[2 * i], -1});
+    TORCH_CHECK(hit == dsts.end() || hit->first != p[2 * i], op,
+                ": block_mapping must not use a block both as a source and as a destination "
+                "(every copy reads the block as it was before the call), got block ",
+                p[2 * i], " as src of pair ", i, " and dst of pair ",
+                (hit == dsts.end() ? -1 : hit->second));
+  }
 }
 
 }  // namespace pagedkv

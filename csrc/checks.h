@@ -53,9 +53,11 @@ int64_t validate_swap_blocks(const at::Tensor& src, const at::Tensor& dst,
 void check_slot_ranges(const at::Tensor& slot_mapping, int64_t num_slots);
 void check_attention_ranges(const at::Tensor& block_table, const at::Tensor& seq_lens,
                             const at::Tensor& query_start_loc, const AttentionDims& dims);
-// Every src < src_blocks, every dst < dst_blocks, no negative entry; with distinct_dst
-// (copy_blocks' contract) no destination twice.
+// Every src < src_blocks, every dst < dst_blocks, no negative entry. With in_place (the
+// pairs copy within one tensor: copy_blocks, or swap_blocks with src aliasing dst) also
+// no destination twice and no block both a source and a destination, so every copy reads
+// the contents from before the call and the pairs may run in any order, in parallel.
 void check_block_mapping_ranges(const char* op, const at::Tensor& block_mapping,
-                                int64_t src_blocks, int64_t dst_blocks, bool distinct_dst);
+                                int64_t src_blocks, int64_t dst_blocks, bool in_place);
 
 }  // namespace pagedkv

@@ -86,6 +86,7 @@ CASES = {
     "cb_src_range": ("copy_blocks", "block_mapping", with_("copy_blocks", block_mapping=torch.tensor([[0, 4], [NB, 5]]))),
     "cb_dst_negative": ("copy_blocks", "block_mapping", with_("copy_blocks", block_mapping=torch.tensor([[0, 4], [1, -2]]))),
     "cb_dst_duplicate": ("copy_blocks", "block_mapping", with_("copy_blocks", block_mapping=torch.tensor([[0, 4], [1, 4]]))),
+    "cb_chain": ("copy_blocks", "block_mapping", with_("copy_blocks", block_mapping=torch.tensor([[0, 4], [4, 5]]))),
     "cb_layers": ("copy_blocks", "value_caches", with_("copy_blocks", value_caches=lambda a: a["value_caches"][:1])),
     "cb_value_shape": ("copy_blocks", "value_caches", with_("copy_blocks", value_caches=lambda a: [a["value_caches"][0], torch.randn(NB, BS, KVH, 8)])),
     # swap_blocks
@@ -93,6 +94,8 @@ CASES = {
     "sb_dtype": ("swap_blocks", "dst", with_("swap_blocks", dst=lambda a: a["dst"].half())),
     "sb_src_range": ("swap_blocks", "block_mapping", with_("swap_blocks", block_mapping=torch.tensor([[NB, 0]]))),
     "sb_dst_range": ("swap_blocks", "block_mapping", with_("swap_blocks", block_mapping=torch.tensor([[0, NB + 3]]))),
+    "sb_same_tensor_chain": ("swap_blocks", "block_mapping", with_("swap_blocks", dst=lambda a: a["src"], block_mapping=torch.tensor([[0, 1], [1, 2]]))),
+    "sb_same_tensor_dst_duplicate": ("swap_blocks", "block_mapping", with_("swap_blocks", dst=lambda a: a["src"], block_mapping=torch.tensor([[0, 3], [1, 3]]))),
     "sb_mapping_dtype": ("swap_blocks", "block_mapping", with_("swap_blocks", block_mapping=torch.tensor([[0, 1]], dtype=torch.int32))),
 }
 
@@ -129,7 +132,8 @@ class TestMessages(expecttest.TestCase):
     def test_messages(self):
         lines = [f"{case}: {raise_message(CASES[case][0], CASES[case][2]())}" for case in sorted(CASES)]
         self.assertExpectedInline("\n".join(lines), """\
-cb_dst_duplicate: copy_blocks: block_mapping destinations must be distinct, got dst 4 more than once
+cb_chain: copy_blocks: block_mapping must not use a block both as a source and as a destination (every copy reads the block as it was before the call), got block 4 as src of pair 1 and dst of pair 0
+cb_dst_duplicate: copy_blocks: block_mapping destinations must be distinct, got dst 4 in pairs 0 and 1
 cb_dst_negative: copy_blocks: block_mapping[1, 1] (dst) must be in [0, 6), got -2
 cb_layers: copy_blocks: value_caches must have as many layers as key_caches (2), got 1
 cb_mapping_dtype: copy_blocks: block_mapping dtype must be int64, got int32
@@ -180,4 +184,6 @@ sb_block_shape: swap_blocks: dst block shape must equal src block shape [16, 2, 
 sb_dst_range: swap_blocks: block_mapping[0, 1] (dst) must be in [0, 6), got 9
 sb_dtype: swap_blocks: dst dtype must be float32, got float16
 sb_mapping_dtype: swap_blocks: block_mapping dtype must be int64, got int32
+sb_same_tensor_chain: swap_blocks: block_mapping must not use a block both as a source and as a destination (every copy reads the block as it was before the call), got block 1 as src of pair 1 and dst of pair 0
+sb_same_tensor_dst_duplicate: swap_blocks: block_mapping destinations must be distinct, got dst 3 in pairs 0 and 1
 sb_src_range: swap_blocks: block_mapping[0, 0] (src) must be in [0, 6), got 6""")

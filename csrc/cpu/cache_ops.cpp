@@ -104,7 +104,7 @@ void copy_blocks(at::TensorList key_caches, at::TensorList value_caches,
     num_blocks = std::min(num_blocks, k.size(0));
   }
   if (!key_caches.empty()) {
-    check_block_mapping_ranges(op, block_mapping, num_blocks, num_blocks, /*distinct_dst=*/true);
+    check_block_mapping_ranges(op, block_mapping, num_blocks, num_blocks, /*in_place=*/true);
   }
   if (n == 0) return;
   const at::Tensor m = block_mapping.contiguous();
@@ -121,7 +121,8 @@ void swap_blocks(const at::Tensor& src, at::Tensor& dst, const at::Tensor& block
   check_on_cpu(op, "src", src);
   check_on_cpu(op, "dst", dst);
   check_on_cpu(op, "block_mapping", block_mapping);
-  check_block_mapping_ranges(op, block_mapping, src.size(0), dst.size(0), /*distinct_dst=*/false);
+  check_block_mapping_ranges(op, block_mapping, src.size(0), dst.size(0),
+                             /*in_place=*/src.is_alias_of(dst));
   if (n == 0) return;
   const at::Tensor m = block_mapping.contiguous();
   copy_block_pairs(src, dst, m.data_ptr<int64_t>(), n);

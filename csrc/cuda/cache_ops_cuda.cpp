@@ -150,7 +150,7 @@ void copy_blocks(at::TensorList key_caches, at::TensorList value_caches,
     const at::Tensor host = block_mapping.cpu();
     for (size_t l = 0; l < key_caches.size(); ++l)
       check_block_mapping_ranges(op, host, key_caches[l].size(0), key_caches[l].size(0),
-                                 /*distinct_dst=*/true);
+                                 /*in_place=*/true);
   }
   if (n == 0) return;
   const at::Tensor mapping = mapping_on(block_mapping, device);
@@ -191,7 +191,8 @@ void swap_blocks(const at::Tensor& src, at::Tensor& dst, const at::Tensor& block
     // The mapping is host data: check it, then one cudaMemcpyAsync per run of consecutive
     // pairs (DMA engines, any direction, pinned or pageable host memory).
     const at::Tensor m = block_mapping.contiguous();
-    check_block_mapping_ranges(op, m, src.size(0), dst.size(0), /*distinct_dst=*/false);
+    check_block_mapping_ranges(op, m, src.size(0), dst.size(0),
+                               /*in_place=*/src.is_alias_of(dst));
     if (n == 0 || bytes == 0) return;
     const int64_t* pairs = m.data_ptr<int64_t>();
     const char* s = static_cast<const char*>(src.data_ptr());
@@ -213,7 +214,7 @@ void swap_blocks(const at::Tensor& src, at::Tensor& dst, const at::Tensor& block
               device, ", got ", block_mapping.device());
   if (debug_range_checks())
     check_block_mapping_ranges(op, block_mapping.cpu(), src.size(0), dst.size(0),
-                               /*distinct_dst=*/false);
+                               /*in_place=*/src.is_alias_of(dst));
   if (n == 0 || bytes == 0) return;
   // Device mapping: a copy kernel reads it (no host round trip, capturable); a CPU side
   // is reached through its pinned, mapped host memory.
