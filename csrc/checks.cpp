@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace pagedkv {
@@ -143,13 +144,13 @@ WriteDims validate_reshape_and_cache(const at::Tensor& key, const at::Tensor& va
   return WriteDims{c, key.size(0)};
 }
 
-AttentionDims validate_paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
-                                       const at::Tensor& value_cache, const at::Tensor& block_table,
-                                       const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
+AttentionDims validate_paged_attention(const char* op, const at::Tensor& query,
+                                       const at::Tensor& key_cache, const at::Tensor& value_cache,
+                                       const at::Tensor& block_table, const at::Tensor& seq_lens,
+                                       const at::Tensor& query_start_loc,
                                        const std::optional<at::Tensor>& alibi_slopes,
                                        const std::optional<at::Tensor>& k_scale,
                                        const std::optional<at::Tensor>& v_scale) {
-  const char* op = "paged_attention";
   CacheDims c = validate_caches(op, key_cache, value_cache);
   const at::Device dev = key_cache.device();
   check_dim(op, "query", query, 3, "[num_q_tokens, num_heads, head_size]");
@@ -189,6 +190,59 @@ AttentionDims validate_paged_attention(const at::Tensor& query, const at::Tensor
   validate_scale(op, "k_scale", k_scale, dev);
   validate_scale(op, "v_scale", v_scale, dev);
   return AttentionDims{c, query.size(0), num_heads, num_seqs, block_table.size(1)};
+}
+
+AttentionDims validate_paged_attention_lse(const at::Tensor& query, const at::Tensor& key_cache,
+                                           const at::Tensor& value_cache,
+                                           const at::Tensor& block_table,
+                                           const at::Tensor& seq_lens,
+                                           const at::Tensor& query_start_loc,
+                                           const std::optional<at::Tensor>& alibi_slopes,
+                                           int64_t sliding_window,
+                                           const std::optional<at::Tensor>& k_scale,
+                                           const std::optional<at::Tensor>& v_scale, bool causal) {
+  const char* op = "paged_attention_lse";
+  const AttentionDims d = validate_paged_attention(op, query, key_cache, value_cache, block_table,
+                                                   seq_lens, query_start_loc, alibi_slopes,
+                                                   k_scale, v_scale);
+  if (!causal) {
+    // Without causality a row has no position to measure a window or a distance from.
+    TORCH_CHECK(sliding_window == -1, op, ": sliding_window must be -1 when causal=False, got ",
+                sliding_window);
+    TORCH_CHECK(!alibi_slopes.has_value(), op,
+                ": alibi_slopes must be None when causal=False, got a tensor of shape ",
+                alibi_slopes.has_value() ? alibi_slopes->sizes() : at::IntArrayRef{});
+  }
+  return d;
+}
+
+MergeDims validate_merge_attn_states(const at::Tensor& out_a, const at::Tensor& lse_a,
+                                     const at::Tensor& out_b, const at::Tensor& lse_b) {
+  const char* op = "merge_attn_states";
+  check_dim(op, "out_a", out_a, 3, "[num_tokens, num_heads, head_size]");
+  TORCH_CHECK(is_float_input(out_a.scalar_type()), op,
+              ": out_a dtype must be float32, float16 or bfloat16, got ",
+              dtype_name(out_a.scalar_type()));
+  TORCH_CHECK(out_b.sizes() == out_a.sizes(), op, ": out_b shape must equal out_a shape ",
+              out_a.sizes(), ", got ", out_b.sizes());
+  TORCH_CHECK(is_float_input(out_b.scalar_type()), op,
+              ": out_b dtype must be float32, float16 or bfloat16, got ",
+              dtype_name(out_b.scalar_type()));
+  const at::Device dev = out_a.device();
+  for (auto [name, lse] : {std::pair<const char*, const at::Tensor*>{"lse_a", &lse_a},
+                           std::pair<const char*, const at::Tensor*>{"lse_b", &lse_b}}) {
+    check_dim(op, name, *lse, 2, "[num_tokens, num_heads]");
+    check_size(op, name, *lse, 0, "num_tokens = out_a.size(0)", out_a.size(0));
+    check_size(op, name, *lse, 1, "num_heads = out_a.size(1)", out_a.size(1));
+    check_dtype(op, name, *lse, at::kFloat);
+  }
+  TORCH_CHECK(out_b.device() == dev, op, ": out_b must be on ", dev, " (out_a's device), got ",
+              out_b.device());
+  TORCH_CHECK(lse_a.device() == dev, op, ": lse_a must be on ", dev, " (out_a's device), got ",
+              lse_a.device());
+  TORCH_CHECK(lse_b.device() == dev, op, ": lse_b must be on ", dev, " (out_a's device), got ",
+              lse_b.device());
+  return MergeDims{out_a.size(0), out_a.size(1), out_a.size(2)};
 }
 
 int64_t validate_copy_blocks(at::TensorList key_caches, at::TensorList value_caches,
@@ -253,9 +307,9 @@ void check_slot_ranges(const at::Tensor& slot_mapping, int64_t num_slots) {
               "non-negative slots, got slot ", (dup == used.end() ? 0 : *dup), " more than once");
 }
 
-void check_attention_ranges(const at::Tensor& block_table, const at::Tensor& seq_lens,
-                            const at::Tensor& query_start_loc, const AttentionDims& d) {
-  const char* op = "paged_attention";
+void check_attention_ranges(const char* op, const at::Tensor& block_table,
+                            const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
+                            const AttentionDims& d, bool causal) {
   const at::Tensor bt = block_table.contiguous(), sl = seq_lens.contiguous(),
                    qsl = query_start_loc.contiguous();
   const int32_t* b = bt.data_ptr<int32_t>();
@@ -268,8 +322,12 @@ void check_attention_ranges(const at::Tensor& block_table, const at::Tensor& seq
     const int64_t q_len = int64_t(q[i + 1]) - q[i];
     TORCH_CHECK(q_len >= 0, op, ": query_start_loc must be non-decreasing, got query_start_loc[",
                 i, "] = ", q[i], " > query_start_loc[", i + 1, "] = ", q[i + 1]);
-    TORCH_CHECK(s[i] >= q_len, op, ": seq_lens[", i, "] must be >= its query length ", q_len,
-                " (seq_lens counts the query tokens), got ", s[i]);
+    if (causal) {
+      TORCH_CHECK(s[i] >= q_len, op, ": seq_lens[", i, "] must be >= its query length ", q_len,
+                  " (seq_lens counts the query tokens), got ", s[i]);
+    } else {
+      TORCH_CHECK(s[i] >= 0, op, ": seq_lens[", i, "] must be >= 0, got ", s[i]);
+    }
     const int64_t blocks = (int64_t(s[i]) + d.cache.block_size - 1) / d.cache.block_size;
     TORCH_CHECK(blocks <= d.max_blocks_per_seq, op, ": seq_lens[", i, "] = ", s[i], " needs ",
                 blocks, " blocks but block_table has ", d.max_blocks_per_seq, " columns");

@@ -36,12 +36,30 @@ WriteDims validate_reshape_and_cache(const at::Tensor& key, const at::Tensor& va
                                      const std::optional<at::Tensor>& k_scale,
                                      const std::optional<at::Tensor>& v_scale);
 
-AttentionDims validate_paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
-                                       const at::Tensor& value_cache, const at::Tensor& block_table,
-                                       const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
+// `op` names the caller in messages: paged_attention or paged_attention_lse.
+AttentionDims validate_paged_attention(const char* op, const at::Tensor& query,
+                                       const at::Tensor& key_cache, const at::Tensor& value_cache,
+                                       const at::Tensor& block_table, const at::Tensor& seq_lens,
+                                       const at::Tensor& query_start_loc,
                                        const std::optional<at::Tensor>& alibi_slopes,
                                        const std::optional<at::Tensor>& k_scale,
                                        const std::optional<at::Tensor>& v_scale);
+// paged_attention_lse: the checks above, plus causal=False only without a window or ALiBi.
+AttentionDims validate_paged_attention_lse(const at::Tensor& query, const at::Tensor& key_cache,
+                                           const at::Tensor& value_cache,
+                                           const at::Tensor& block_table,
+                                           const at::Tensor& seq_lens,
+                                           const at::Tensor& query_start_loc,
+                                           const std::optional<at::Tensor>& alibi_slopes,
+                                           int64_t sliding_window,
+                                           const std::optional<at::Tensor>& k_scale,
+                                           const std::optional<at::Tensor>& v_scale, bool causal);
+
+struct MergeDims {
+  int64_t num_tokens, num_heads, head_size;
+};
+MergeDims validate_merge_attn_states(const at::Tensor& out_a, const at::Tensor& lse_a,
+                                     const at::Tensor& out_b, const at::Tensor& lse_b);
 
 // Returns the number of (src, dst) pairs.
 int64_t validate_copy_blocks(at::TensorList key_caches, at::TensorList value_caches,
@@ -51,8 +69,11 @@ int64_t validate_swap_blocks(const at::Tensor& src, const at::Tensor& dst,
 
 // Index-range checks over CPU tensors (see above).
 void check_slot_ranges(const at::Tensor& slot_mapping, int64_t num_slots);
-void check_attention_ranges(const at::Tensor& block_table, const at::Tensor& seq_lens,
-                            const at::Tensor& query_start_loc, const AttentionDims& dims);
+// causal=False lifts the rule q_len <= seq_len (a shared-prefix pass has more query rows
+// than keys).
+void check_attention_ranges(const char* op, const at::Tensor& block_table,
+                            const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
+                            const AttentionDims& dims, bool causal = true);
 // Every src < src_blocks, every dst < dst_blocks, no negative entry. With in_place (the
 // pairs copy within one tensor: copy_blocks, or swap_blocks with src aliasing dst) also
 // no destination twice and no block both a source and a destination, so every copy reads

@@ -19,6 +19,19 @@ TORCH_LIBRARY(pagedkv, m) {
       "Tensor block_table, Tensor seq_lens, Tensor query_start_loc, float scale, "
       "Tensor? alibi_slopes=None, int sliding_window=-1, float softcap=0.0, "
       "Tensor? k_scale=None, Tensor? v_scale=None) -> Tensor");
+  // paged_attention that also returns each row's log-sum-exp of scores (float32
+  // [num_q_tokens, num_heads]; -inf where a row saw no key). causal=False: every row of
+  // sequence i sees all seq_lens[i] keys, the shared-prefix pass of cascade attention.
+  m.def(
+      "paged_attention_lse(Tensor query, Tensor key_cache, Tensor value_cache, "
+      "Tensor block_table, Tensor seq_lens, Tensor query_start_loc, float scale, "
+      "Tensor? alibi_slopes=None, int sliding_window=-1, float softcap=0.0, "
+      "Tensor? k_scale=None, Tensor? v_scale=None, bool causal=True) "
+      "-> (Tensor out, Tensor lse)");
+  // Combine two partial attentions of the same rows over disjoint key sets by their lse.
+  m.def(
+      "merge_attn_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) "
+      "-> (Tensor out, Tensor lse)");
   // Copy block src -> dst in every layer's key and value caches (copy-on-write, fork).
   m.def(
       "copy_blocks(Tensor(a!)[] key_caches, Tensor(b!)[] value_caches, "

@@ -22,6 +22,11 @@ def valid(op: str) -> dict:
                     seq_lens=torch.tensor([20, 30], dtype=torch.int32),
                     query_start_loc=torch.tensor([0, 1, 4], dtype=torch.int32), scale=0.125,
                     alibi_slopes=None, sliding_window=-1, softcap=0.0, k_scale=None, v_scale=None)
+    if op == "paged_attention_lse":
+        return dict(valid("paged_attention"), causal=True)
+    if op == "merge_attn_states":
+        return dict(out_a=torch.randn(4, H, D, generator=g), lse_a=torch.randn(4, H, generator=g),
+                    out_b=torch.randn(4, H, D, generator=g), lse_b=torch.randn(4, H, generator=g))
     if op == "copy_blocks":
         return dict(key_caches=[kc, kc.clone()], value_caches=[vc, vc.clone()],
                     block_mapping=torch.tensor([[0, 4], [1, 5]]))
@@ -80,6 +85,24 @@ CASES = {
     "pa_alibi_dtype": ("paged_attention", "alibi_slopes", with_("paged_attention", alibi_slopes=torch.ones(H, dtype=torch.float16))),
     "pa_v_scale_numel": ("paged_attention", "v_scale", with_("paged_attention", v_scale=torch.ones(1, 2))),
     "pa_value_cache_dtype": ("paged_attention", "value_cache", with_("paged_attention", value_cache=lambda a: a["value_cache"].half())),
+    # paged_attention_lse: the paged_attention checks under its own name, and causal=False
+    # only without a window or ALiBi (a query length above seq_len is then fine)
+    "pal_query_dtype": ("paged_attention_lse", "query", with_("paged_attention_lse", query=lambda a: a["query"].half())),
+    "pal_q_len_gt_seq_len": ("paged_attention_lse", "seq_lens", with_("paged_attention_lse", seq_lens=torch.tensor([20, 2], dtype=torch.int32))),
+    "pal_block_id_range": ("paged_attention_lse", "block_table", with_("paged_attention_lse", causal=False, block_table=torch.tensor([[0, NB], [2, 3]], dtype=torch.int32))),
+    "pal_seq_lens_negative": ("paged_attention_lse", "seq_lens", with_("paged_attention_lse", causal=False, seq_lens=torch.tensor([-1, 2], dtype=torch.int32))),
+    "pal_window_not_causal": ("paged_attention_lse", "sliding_window", with_("paged_attention_lse", causal=False, sliding_window=8)),
+    "pal_window_0_not_causal": ("paged_attention_lse", "sliding_window", with_("paged_attention_lse", causal=False, sliding_window=0)),
+    "pal_alibi_not_causal": ("paged_attention_lse", "alibi_slopes", with_("paged_attention_lse", causal=False, alibi_slopes=torch.ones(H))),
+    # merge_attn_states
+    "ms_out_a_2d": ("merge_attn_states", "out_a", with_("merge_attn_states", out_a=torch.randn(4, H * D))),
+    "ms_out_a_dtype": ("merge_attn_states", "out_a", with_("merge_attn_states", out_a=torch.ones(4, H, D, dtype=torch.int32))),
+    "ms_out_b_shape": ("merge_attn_states", "out_b", with_("merge_attn_states", out_b=torch.randn(4, H, D + 8))),
+    "ms_out_b_dtype": ("merge_attn_states", "out_b", with_("merge_attn_states", out_b=lambda a: a["out_b"].double())),
+    "ms_lse_a_dtype": ("merge_attn_states", "lse_a", with_("merge_attn_states", lse_a=lambda a: a["lse_a"].half())),
+    "ms_lse_b_shape": ("merge_attn_states", "lse_b", with_("merge_attn_states", lse_b=torch.randn(4, H + 1))),
+    "ms_lse_a_rows": ("merge_attn_states", "lse_a", with_("merge_attn_states", lse_a=torch.randn(3, H))),
+    "ms_lse_b_3d": ("merge_attn_states", "lse_b", with_("merge_attn_states", lse_b=torch.randn(4, H, 1))),
     # copy_blocks
     "cb_mapping_shape": ("copy_blocks", "block_mapping", with_("copy_blocks", block_mapping=torch.tensor([[0, 4, 1]]))),
     "cb_mapping_dtype": ("copy_blocks", "block_mapping", with_("copy_blocks", block_mapping=torch.tensor([[0, 4]], dtype=torch.int32))),
@@ -140,6 +163,14 @@ cb_mapping_dtype: copy_blocks: block_mapping dtype must be int64, got int32
 cb_mapping_shape: copy_blocks: block_mapping.size(1) ((src, dst)) must be 2, got 3 (shape [1, 3])
 cb_src_range: copy_blocks: block_mapping[1, 0] (src) must be in [0, 6), got 6
 cb_value_shape: copy_blocks: value_caches[1] shape must equal key_caches[1] shape [6, 16, 2, 64], got [6, 16, 2, 8]
+ms_lse_a_dtype: merge_attn_states: lse_a dtype must be float32, got float16
+ms_lse_a_rows: merge_attn_states: lse_a.size(0) (num_tokens = out_a.size(0)) must be 4, got 3 (shape [3, 4])
+ms_lse_b_3d: merge_attn_states: lse_b must be 2-D [num_tokens, num_heads], got 3-D with shape [4, 4, 1]
+ms_lse_b_shape: merge_attn_states: lse_b.size(1) (num_heads = out_a.size(1)) must be 4, got 5 (shape [4, 5])
+ms_out_a_2d: merge_attn_states: out_a must be 3-D [num_tokens, num_heads, head_size], got 2-D with shape [4, 256]
+ms_out_a_dtype: merge_attn_states: out_a dtype must be float32, float16 or bfloat16, got int32
+ms_out_b_dtype: merge_attn_states: out_b dtype must be float32, float16 or bfloat16, got float64
+ms_out_b_shape: merge_attn_states: out_b shape must equal out_a shape [4, 4, 64], got [4, 4, 72]
 pa_alibi_dtype: paged_attention: alibi_slopes dtype must be float32, got float16
 pa_alibi_size: paged_attention: alibi_slopes.size(0) (num_heads) must be 4, got 5 (shape [5])
 pa_block_id_negative: paged_attention: block_table[1, 0] must be in [0, num_blocks = 6), got -1
@@ -160,6 +191,13 @@ pa_seq_lens_dtype: paged_attention: seq_lens dtype must be int32, got int64
 pa_seq_lens_len: paged_attention: seq_lens.size(0) (num_seqs = block_table.size(0)) must be 2, got 1 (shape [1])
 pa_v_scale_numel: paged_attention: v_scale must have exactly 1 element, got 2 (shape [1, 2])
 pa_value_cache_dtype: paged_attention: value_cache dtype must be float32, got float16
+pal_alibi_not_causal: paged_attention_lse: alibi_slopes must be None when causal=False, got a tensor of shape [4]
+pal_block_id_range: paged_attention_lse: block_table[0, 1] must be in [0, num_blocks = 6), got 6
+pal_q_len_gt_seq_len: paged_attention_lse: seq_lens[1] must be >= its query length 3 (seq_lens counts the query tokens), got 2
+pal_query_dtype: paged_attention_lse: query dtype must equal the cache dtype float32 (or the cache must be fp8), got float16
+pal_seq_lens_negative: paged_attention_lse: seq_lens[0] must be >= 0, got -1
+pal_window_0_not_causal: paged_attention_lse: sliding_window must be -1 when causal=False, got 0
+pal_window_not_causal: paged_attention_lse: sliding_window must be -1 when causal=False, got 8
 rc_block_size: reshape_and_cache: block_size (key_cache.size(1)) must be in [1, 256], got 300
 rc_cache_3d: reshape_and_cache: key_cache must be 4-D [num_blocks, block_size, num_kv_heads, head_size], got 3-D with shape [6, 16, 128]
 rc_cache_contiguous: reshape_and_cache: key_cache must be contiguous, got strides [128, 768, 64, 1] for shape [6, 16, 2, 64]

@@ -1,5 +1,7 @@
 """CUDA kernels against the reference, beyond the device-parametrized op tests
-(test_paged_attention.py, test_cache_writes.py, test_opcheck.py run on CUDA too): both
+(test_paged_attention.py, test_cascade.py, test_cache_writes.py, test_opcheck.py run on
+CUDA too): lse from both attention kernels and the split-K reduce, the merge kernel for
+every dtype pair, cascade attention replayed in a CUDA graph; both
 attention kernels (split-K decode and tiled prefill) on the same inputs, partition edges
 of the split-K decode, every launch config giving the same results, generic vs
 specialized kernels, out-of-range metadata never faulting, debug-mode range checks, the
@@ -262,6 +264,136 @@ def test_opcheck_decode_with_partitions(configs):
     b = make_batch([(1, 300), (1, 7), (1, 129)], 8, 2, 64, 16, torch.float32, device="cuda")
     torch.library.opcheck(torch.ops.pagedkv.paged_attention.default,
                           (*b.attention_args(), 0.125))
+
+
+# ------------------------------------------------------------------------------------
+# paged_attention_lse, merge_attn_states (cascade attention)
+# ------------------------------------------------------------------------------------
+
+PREFIX_PASS = [(7, 37), (5, 0), (40, 20), (0, 5), (64, 48), (1, 16)]
+
+
+def attend_lse(batch, path, causal, **kw):
+    scale = 1.0 / math.sqrt(batch.query.shape[-1])
+    kw.setdefault("k_scale", batch.k_scale)
+    kw.setdefault("v_scale", batch.v_scale)
+    with knobs.override(attention_path=path):
+        return pk.paged_attention_lse(*batch.attention_args(), scale, causal=causal, **kw)
+
+
+def assert_lse_matches(batch, out, lse, dtype, causal, **kw):
+    scale = 1.0 / math.sqrt(batch.query.shape[-1])
+    kw.setdefault("k_scale", batch.k_scale)
+    kw.setdefault("v_scale", batch.v_scale)
+    cpu = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in kw.items()}
+    ref_out, ref_lse = reference.paged_attention_lse(*[a.cpu() for a in batch.attention_args()],
+                                                     scale, causal=causal, **cpu)
+    assert_matches(out, ref_out, dtype)
+    none = ref_lse == -math.inf
+    assert torch.equal(lse.cpu() == -math.inf, none)
+    torch.testing.assert_close(lse.cpu()[~none], ref_lse[~none], atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("cache_dtype", [None] + FP8_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("head_size,block_size", [(128, 16), (64, 8), (256, 32), (40, 12)])
+def test_lse_both_kernels(path, causal, dtype, cache_dtype, head_size, block_size):
+    """Both kernels write lse; causal=False rows see their whole sequence (more rows than
+    keys, an empty sequence); with causal=True out is paged_attention's, bit for bit."""
+    seqs = MIXED if causal else PREFIX_PASS
+    batch = make_batch(seqs, 8, 2, head_size, block_size, dtype, cache_dtype, device="cuda",
+                       seed=head_size + block_size)
+    out, lse = attend_lse(batch, path, causal)
+    assert_lse_matches(batch, out, lse, dtype, causal)
+    if causal:
+        assert torch.equal(out, attend(batch, path))
+
+
+@pytest.mark.parametrize("partition_size", [64, 512])
+@pytest.mark.parametrize("causal", [True, False])
+def test_lse_of_split_k_rows(configs, partition_size, causal):
+    """Rows over many partitions get their lse from the split-K reduce, rows within one
+    partition from the decode kernel itself."""
+    P = partition_size
+    lens = [1, P - 1, P, P + 1, 2 * P, 3 * P + 5, 0 if not causal else 7]
+    configs(64, torch.float32, 16, partition_size=P)
+    batch = make_batch([(1, n) for n in lens], 4, 2, 64, 16, torch.float32, device="cuda",
+                       columns=-(-max(lens) // 16) + 3)
+    out, lse = attend_lse(batch, "decode", causal)
+    assert_lse_matches(batch, out, lse, torch.float32, causal)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_lse_features(path):
+    batch = make_batch([(1, 1500), (40, 900), (0, 3), (9, 9)], 16, 4, 128, 16, torch.bfloat16,
+                       device="cuda", seed=3)
+    kw = dict(sliding_window=100, softcap=2.0,
+              alibi_slopes=torch.rand(16, generator=torch.Generator().manual_seed(2)).cuda())
+    out, lse = attend_lse(batch, path, True, **kw)
+    assert_lse_matches(batch, out, lse, torch.bfloat16, True, **kw)
+    out, lse = attend_lse(batch, path, False, softcap=2.0)
+    assert_lse_matches(batch, out, lse, torch.bfloat16, False, softcap=2.0)
+
+
+@pytest.mark.parametrize("dtype_a", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("dtype_b", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("head_size", [8, 128, 200])
+def test_merge_attn_states_kernel(dtype_a, dtype_b, head_size):
+    g = torch.Generator().manual_seed(head_size)
+    t, h = 300, 5
+    out_a = torch.randn(t, h, head_size, generator=g).to(dtype_a)
+    out_b = torch.randn(t, h, head_size, generator=g).to(dtype_b)
+    lse_a, lse_b = torch.randn(t, h, generator=g) * 5, torch.randn(t, h, generator=g) * 5
+    lse_a[::7] = -math.inf
+    lse_b[::5] = -math.inf
+    out, lse = pk.merge_attn_states(out_a.cuda(), lse_a.cuda(), out_b.cuda(), lse_b.cuda())
+    ref_out, ref_lse = reference.merge_attn_states(out_a, lse_a, out_b, lse_b)
+    assert out.dtype == dtype_a
+    assert_matches(out, ref_out, dtype_a)
+    assert torch.equal(lse.cpu().isinf(), ref_lse.isinf())
+    torch.testing.assert_close(lse.cpu().nan_to_num(neginf=0.0), ref_lse.nan_to_num(neginf=0.0),
+                               atol=1e-5, rtol=0)
+
+
+def test_cascade_replays_in_a_cuda_graph():
+    """cascade_attention captured once replays correctly for steps with other groups: the
+    planner's cascade tensors keep their shapes and addresses; only their values change."""
+    from torch_pagedkv.cache import StepPlanner
+    from torch_pagedkv.cache.step_plan import ALWAYS_CASCADE
+    from torch_pagedkv.layers.attention import cascade_attention
+    from paged_inputs import prefix_group_rows
+
+    steps = [  # 12 sequence rows and at most 16 query rows each, different groups
+        ([(3, [(0, 1), (5, 1), (2, 1), (1, 1)]), (2, [(4, 1), (0, 1)])], [(40, 1)] * 6),
+        ([(5, [(0, 1)] * 9)], [(9, 2), (17, 4), (30, 1)]),
+        ([(1, [(0, 2), (7, 1)]), (2, [(2, 1)] * 4), (4, [(0, 1), (0, 1)])], [(5, 1)] * 4),
+    ]
+    planner = StepPlanner(16, max_num_seqs=16, max_num_tokens=16, max_blocks_per_seq=12,
+                          device="cuda", cascade=ALWAYS_CASCADE)
+    g = torch.Generator().manual_seed(0)
+    kc = random_cache(256, 16, 2, 64, torch.bfloat16, "cuda", g)
+    vc = random_cache(256, 16, 2, 64, torch.bfloat16, "cuda", g)
+    query = torch.zeros(16, 8, 64, dtype=torch.bfloat16, device="cuda")
+    step_rows = [prefix_group_rows(groups, loners, 16, seed=i)[0]
+                 for i, (groups, loners) in enumerate(steps)]
+    assert all(len(rows) == 12 for rows in step_rows)
+    meta = planner.plan(step_rows[0], num_tokens=16, num_seqs=13)  # fixed shapes
+    out = cascade_attention(query, kc, vc, meta.cascade, scale=0.125)  # warm up
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = cascade_attention(query, kc, vc, meta.cascade, scale=0.125)
+    for rows in step_rows[::-1]:
+        new = planner.plan(rows, num_tokens=16, num_seqs=13)
+        assert new.cascade is not None
+        assert new.cascade.query_order.data_ptr() == meta.cascade.query_order.data_ptr()
+        query.copy_(torch.randn(16, 8, 64, generator=g).to(torch.bfloat16))
+        graph.replay()
+        want = reference.paged_attention(query.cpu(), kc.cpu(), vc.cpu(), new.block_table.cpu(),
+                                         new.seq_lens.cpu(), new.query_start_loc.cpu(), 0.125)
+        assert_matches(out, want, torch.bfloat16)
 
 
 # ------------------------------------------------------------------------------------

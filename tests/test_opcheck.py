@@ -39,6 +39,35 @@ def test_paged_attention(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_paged_attention_lse(device):
+    for name, b, kw in attention_cases(device):
+        torch.library.opcheck(OPS.paged_attention_lse.default, (*b.attention_args(), 0.125),
+                              dict(kw, k_scale=b.k_scale, v_scale=b.v_scale),
+                              test_utils=utils_for(b.key_cache))
+    # causal=False: a prefix pass with more rows than keys, an empty group, q_len 0.
+    for b in (make_batch([(9, 32), (4, 0), (0, 7)], 8, 2, 64, 16, torch.float32, device=device),
+              make_batch([(5, 16)], 4, 2, 128, 16, torch.bfloat16, torch.float8_e5m2,
+                         device=device)):
+        torch.library.opcheck(OPS.paged_attention_lse.default, (*b.attention_args(), 0.125),
+                              dict(k_scale=b.k_scale, v_scale=b.v_scale, causal=False),
+                              test_utils=utils_for(b.key_cache))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32),
+                                    (torch.bfloat16, torch.float16)])
+@pytest.mark.parametrize("rows", [0, 9])
+def test_merge_attn_states(device, dtypes, rows):
+    g = torch.Generator().manual_seed(rows)
+    lse_a, lse_b = torch.randn(rows, 4, generator=g), torch.randn(rows, 4, generator=g)
+    if rows:
+        lse_a[0] = lse_b[0] = -float("inf")
+    args = (torch.randn(rows, 4, 64, generator=g).to(dtypes[0]).to(device), lse_a.to(device),
+            torch.randn(rows, 4, 64, generator=g).to(dtypes[1]).to(device), lse_b.to(device))
+    torch.library.opcheck(OPS.merge_attn_states.default, args, test_utils=UTILS)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cache_dtype", [torch.float16, torch.float8_e5m2])
 @pytest.mark.parametrize("num_tokens", [0, 7])
 def test_reshape_and_cache(device, cache_dtype, num_tokens):

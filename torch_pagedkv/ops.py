@@ -54,6 +54,50 @@ def _(query, key_cache, value_cache, block_table, seq_lens, query_start_loc, sca
     return torch.empty(query.shape, dtype=query.dtype, device=query.device)
 
 
+def paged_attention_lse(query: Tensor, key_cache: Tensor, value_cache: Tensor,
+                        block_table: Tensor, seq_lens: Tensor, query_start_loc: Tensor,
+                        scale: float, alibi_slopes: Optional[Tensor] = None,
+                        sliding_window: int = -1, softcap: float = 0.0,
+                        k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None,
+                        causal: bool = True) -> tuple[Tensor, Tensor]:
+    """paged_attention that also returns lse, float32 [num_q_tokens, num_heads]: the log of
+    each row's sum of exp(score) (-inf, with out 0, for a row that saw no key). causal=False:
+    every row of sequence i sees all seq_lens[i] keys (a shared prefix's pass)."""
+    return _ops.paged_attention_lse(query, key_cache, value_cache, block_table, seq_lens,
+                                    query_start_loc, scale, alibi_slopes, sliding_window,
+                                    softcap, k_scale, v_scale, causal)
+
+
+@torch.library.register_fake("pagedkv::paged_attention_lse")
+def _(query, key_cache, value_cache, block_table, seq_lens, query_start_loc, scale,
+      alibi_slopes=None, sliding_window=-1, softcap=0.0, k_scale=None, v_scale=None,
+      causal=True):
+    torch._check(query.dim() == 3, lambda: "paged_attention_lse: query must be 3-D")
+    torch._check(query.shape[2] == key_cache.shape[3],
+                 lambda: "paged_attention_lse: query head_size must equal key_cache.size(3)")
+    torch._check(query_start_loc.shape[0] == block_table.shape[0] + 1,
+                 lambda: "paged_attention_lse: query_start_loc must have num_seqs + 1 entries")
+    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    lse = torch.empty(query.shape[:2], dtype=torch.float32, device=query.device)
+    return out, lse
+
+
+def merge_attn_states(out_a: Tensor, lse_a: Tensor, out_b: Tensor,
+                      lse_b: Tensor) -> tuple[Tensor, Tensor]:
+    """Combines two attentions of the same rows over disjoint keys, out_* [T, H, D] with
+    lse_* float32 [T, H], into the attention over both: (out in out_a's dtype, lse)."""
+    return _ops.merge_attn_states(out_a, lse_a, out_b, lse_b)
+
+
+@torch.library.register_fake("pagedkv::merge_attn_states")
+def _(out_a, lse_a, out_b, lse_b):
+    torch._check(out_a.dim() == 3 and lse_a.dim() == 2,
+                 lambda: "merge_attn_states: out_a must be 3-D and lse_a 2-D")
+    out = torch.empty(out_a.shape, dtype=out_a.dtype, device=out_a.device)
+    lse = torch.empty(out_a.shape[:2], dtype=torch.float32, device=out_a.device)
+    return out, lse
+
+
 def copy_blocks(key_caches: Sequence[Tensor], value_caches: Sequence[Tensor],
                 block_mapping: Tensor) -> None:
     """Copies block src to block dst in every layer's caches for each row (src, dst) of

@@ -60,15 +60,37 @@ def paged_attention(query: Tensor, key_cache: Tensor, value_cache: Tensor, block
                     softcap: float = 0.0, k_scale: Optional[Tensor] = None,
                     v_scale: Optional[Tensor] = None) -> Tensor:
     """Causal attention of each sequence's query rows over its paged K/V (float32 math)."""
+    return paged_attention_lse(query, key_cache, value_cache, block_table, seq_lens,
+                               query_start_loc, scale, alibi_slopes, sliding_window, softcap,
+                               k_scale, v_scale)[0]
+
+
+def paged_attention_lse(query: Tensor, key_cache: Tensor, value_cache: Tensor,
+                        block_table: Tensor, seq_lens: Tensor, query_start_loc: Tensor,
+                        scale: float, alibi_slopes: Optional[Tensor] = None,
+                        sliding_window: int = -1, softcap: float = 0.0,
+                        k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None,
+                        causal: bool = True) -> tuple[Tensor, Tensor]:
+    """paged_attention plus each row's log-sum-exp of scores (float32 [Q, H]); a row that
+    sees no key gets out 0 and lse -inf. causal=False: every row of sequence i sees all of
+    its seq_lens[i] keys (no window, no ALiBi)."""
+    if not causal and (sliding_window != -1 or alibi_slopes is not None):
+        raise RuntimeError("paged_attention_lse: causal=False needs sliding_window=-1 and "
+                           "alibi_slopes=None")
     num_heads = query.shape[1]
     num_kv_heads = key_cache.shape[2]
     group = num_heads // num_kv_heads
     out = torch.empty_like(query, memory_format=torch.contiguous_format)
+    lse = torch.empty(query.shape[:2], dtype=torch.float32, device=query.device)
     qsl = query_start_loc.tolist()
     for i, seq_len in enumerate(seq_lens.tolist()):
         q0, q1 = qsl[i], qsl[i + 1]
         q_len = q1 - q0
         if q_len == 0:
+            continue
+        if seq_len == 0:  # causal=False over an empty sequence: no key at all
+            out[q0:q1] = 0
+            lse[q0:q1] = -math.inf
             continue
         k = dequantize(gather_sequence(key_cache, block_table[i], seq_len), k_scale)
         v = dequantize(gather_sequence(value_cache, block_table[i], seq_len), v_scale)
@@ -82,13 +104,32 @@ def paged_attention(query: Tensor, key_cache: Tensor, value_cache: Tensor, block
         kpos = torch.arange(seq_len).view(1, 1, seq_len)
         if alibi_slopes is not None:
             s = s + alibi_slopes.float().view(num_heads, 1, 1) * (kpos - qpos)
-        visible = kpos <= qpos
-        if sliding_window > 0:
-            visible = visible & (kpos > qpos - sliding_window)
-        s = s.masked_fill(~visible, -math.inf)
+        if causal:
+            visible = kpos <= qpos
+            if sliding_window > 0:
+                visible = visible & (kpos > qpos - sliding_window)
+            s = s.masked_fill(~visible, -math.inf)
         p = torch.softmax(s, dim=-1)
         out[q0:q1] = torch.einsum("hqk,khd->qhd", p, v).to(query.dtype)
-    return out
+        lse[q0:q1] = torch.logsumexp(s, dim=-1).transpose(0, 1)
+    return out, lse
+
+
+def merge_attn_states(out_a: Tensor, lse_a: Tensor, out_b: Tensor,
+                      lse_b: Tensor) -> tuple[Tensor, Tensor]:
+    """Attention over the union of two disjoint key sets from the two partial attentions:
+    weights exp(lse - max); rows where both lse are -inf give out 0 and lse -inf."""
+    m = torch.maximum(lse_a, lse_b)
+    empty = m == -math.inf
+    m_safe = torch.where(empty, torch.zeros_like(m), m)
+    w_a = torch.exp(lse_a - m_safe)
+    w_b = torch.exp(lse_b - m_safe)
+    w = w_a + w_b
+    out = (w_a.unsqueeze(-1) * out_a.float() + w_b.unsqueeze(-1) * out_b.float()) / \
+        torch.where(empty, torch.ones_like(w), w).unsqueeze(-1)
+    out = torch.where(empty.unsqueeze(-1), torch.zeros_like(out), out)
+    lse = torch.where(empty, m, m_safe + torch.log(w))
+    return out.to(out_a.dtype), lse
 
 
 def copy_blocks(key_caches: Sequence[Tensor], value_caches: Sequence[Tensor],

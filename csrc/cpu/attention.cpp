@@ -1,4 +1,5 @@
-// paged_attention, CPU backend: validate everything, plan work items, run the kernel.
+// paged_attention and paged_attention_lse, CPU backend: validate everything, plan work
+// items, run the kernel.
 #include "checks.h"
 #include "knobs.h"
 #include "cpu/attention_cpu.h"
@@ -18,14 +19,22 @@ namespace {
 constexpr int kVectorsPerHead = 32;
 // Query vectors per work item when several kv heads share it (decode).
 constexpr int kVectorsPerItem = 64;
+// causal=False (a shared prefix): every row sees the same keys, so one tile takes up to
+// this many vectors per kv head and reads each prefix K/V row once for all of them;
+// 256 vectors (64 decode rows of a 4-head GQA group) keep the tile's query and
+// accumulator rows (2 x 128 KB at head size 128) in a 1 MB L2.
+constexpr int kPrefixVectorsPerHead = 256;
 
 std::vector<WorkItem> plan_items(const int32_t* qsl, const int32_t* seq_lens, int64_t num_seqs,
-                                 int num_kv_heads, int group, int64_t sliding_window) {
-  const int tile_rows = std::max(1, kVectorsPerHead / group);
-  // Widest kv-head range first; narrower ranges only while the threads would starve.
-  const int64_t want = 4 * int64_t(at::get_num_threads());
+                                 int num_kv_heads, int group, int64_t sliding_window,
+                                 bool causal) {
+  int tile_rows = std::max(1, (causal ? kVectorsPerHead : kPrefixVectorsPerHead) / group);
+  const int min_tile_rows = std::max(1, kVectorsPerHead / group);
+  // Widest kv-head range (and, causal=False, tallest row tile) first; narrower ones only
+  // while the threads would starve.
+  const int64_t want = (causal ? 4 : 2) * int64_t(at::get_num_threads());
   std::vector<std::pair<int64_t, WorkItem>> costed;
-  for (int limit = num_kv_heads;; limit = (limit + 1) / 2) {
+  for (int limit = num_kv_heads;;) {
     costed.clear();
     for (int64_t i = 0; i < num_seqs; ++i) {
       const int32_t q_len = qsl[i + 1] - qsl[i];
@@ -33,7 +42,7 @@ std::vector<WorkItem> plan_items(const int32_t* qsl, const int32_t* seq_lens, in
       for (int32_t r = 0; r < q_len; r += tile_rows) {
         const int32_t r_end = std::min(q_len, r + tile_rows);
         const int heads = std::clamp(kVectorsPerItem / ((r_end - r) * group), 1, limit);
-        const int64_t last = base + r_end - 1;
+        const int64_t last = causal ? base + r_end - 1 : int64_t(seq_lens[i]) - 1;
         const int64_t first_key =
             sliding_window > 0 ? std::max<int64_t>(0, base + r - sliding_window + 1) : 0;
         for (int h = 0; h < num_kv_heads; h += heads) {
@@ -43,7 +52,14 @@ std::vector<WorkItem> plan_items(const int32_t* qsl, const int32_t* seq_lens, in
         }
       }
     }
-    if (limit == 1 || int64_t(costed.size()) >= want) break;
+    if (int64_t(costed.size()) >= want) break;
+    if (limit > 1) {
+      limit = (limit + 1) / 2;
+    } else if (tile_rows > min_tile_rows) {
+      tile_rows = std::max(min_tile_rows, tile_rows / 2);
+    } else {
+      break;
+    }
   }
   // Longest first: threads pulling from a shared counter then finish together.
   std::stable_sort(costed.begin(), costed.end(),
@@ -62,23 +78,14 @@ QueryKind query_kind(at::ScalarType t) {
   }
 }
 
-}  // namespace
-
-at::Tensor paged_attention(const at::Tensor& query_in, const at::Tensor& key_cache,
-                           const at::Tensor& value_cache, const at::Tensor& block_table,
-                           const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
-                           double scale, const std::optional<at::Tensor>& alibi_slopes,
-                           int64_t sliding_window, double softcap,
-                           const std::optional<at::Tensor>& k_scale,
-                           const std::optional<at::Tensor>& v_scale) {
-  const AttentionDims d = validate_paged_attention(query_in, key_cache, value_cache, block_table,
-                                                   seq_lens, query_start_loc, alibi_slopes,
-                                                   k_scale, v_scale);
-  check_attention_ranges(block_table, seq_lens, query_start_loc, d);
-  const at::Tensor query = query_in.stride(2) == 1 ? query_in : query_in.contiguous();
-  at::Tensor out = at::empty({d.num_q_tokens, d.num_heads, d.cache.head_size}, query.options());
-  if (d.num_q_tokens == 0) return out;
-
+// Runs the kernel over validated arguments; fills out and, when defined, lse.
+void run_attention(const AttentionDims& d, const at::Tensor& query, const at::Tensor& key_cache,
+                   const at::Tensor& value_cache, const at::Tensor& block_table,
+                   const at::Tensor& seq_lens, const at::Tensor& query_start_loc, double scale,
+                   const std::optional<at::Tensor>& alibi_slopes, int64_t sliding_window,
+                   double softcap, const std::optional<at::Tensor>& k_scale,
+                   const std::optional<at::Tensor>& v_scale, bool causal, at::Tensor& out,
+                   at::Tensor& lse) {
   const at::Tensor bt = block_table.stride(1) == 1 ? block_table : block_table.contiguous();
   const at::Tensor sl = seq_lens.contiguous(), qsl = query_start_loc.contiguous();
   const at::Tensor alibi = alibi_slopes.has_value() ? alibi_slopes->contiguous() : at::Tensor();
@@ -89,6 +96,7 @@ at::Tensor paged_attention(const at::Tensor& query_in, const at::Tensor& key_cac
   a.q_stride_tok = query.stride(0);
   a.q_stride_head = query.stride(1);
   a.out = out.data_ptr();
+  a.lse = lse.defined() ? lse.data_ptr<float>() : nullptr;
   a.key_cache = key_cache.data_ptr();
   a.value_cache = value_cache.data_ptr();
   a.cache_stride_tok = d.cache.num_kv_heads * d.cache.head_size;
@@ -102,6 +110,7 @@ at::Tensor paged_attention(const at::Tensor& query_in, const at::Tensor& key_cac
   a.k_scale = fp8 && k_scale.has_value() ? k_scale->item<float>() : 1.f;
   a.v_scale = fp8 && v_scale.has_value() ? v_scale->item<float>() : 1.f;
   a.sliding_window = sliding_window > 0 ? sliding_window : -1;
+  a.causal = causal;
   a.num_heads = int(d.num_heads);
   a.num_kv_heads = int(d.cache.num_kv_heads);
   a.head_size = int(d.cache.head_size);
@@ -109,12 +118,12 @@ at::Tensor paged_attention(const at::Tensor& query_in, const at::Tensor& key_cac
 
   const std::vector<WorkItem> items =
       plan_items(a.query_start_loc, a.seq_lens, d.num_seqs, a.num_kv_heads,
-                 a.num_heads / a.num_kv_heads, a.sliding_window);
+                 a.num_heads / a.num_kv_heads, a.sliding_window, causal);
   if (fp8) {
     const Fp8Kind c = key_cache.scalar_type() == at::ScalarType::Float8_e4m3fn ? Fp8Kind::kE4m3
                                                                               : Fp8Kind::kE5m2;
     attention_fp8(a, items, query_kind(query.scalar_type()), c);
-    return out;
+    return;
   }
   const bool generic = generic_kernels_forced();
   switch (query.scalar_type()) {
@@ -122,7 +131,50 @@ at::Tensor paged_attention(const at::Tensor& query_in, const at::Tensor& key_cac
     case at::kBFloat16: attention_bfloat16(a, items, generic); break;
     default: attention_float(a, items, generic); break;
   }
+}
+
+}  // namespace
+
+at::Tensor paged_attention(const at::Tensor& query_in, const at::Tensor& key_cache,
+                           const at::Tensor& value_cache, const at::Tensor& block_table,
+                           const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
+                           double scale, const std::optional<at::Tensor>& alibi_slopes,
+                           int64_t sliding_window, double softcap,
+                           const std::optional<at::Tensor>& k_scale,
+                           const std::optional<at::Tensor>& v_scale) {
+  const char* op = "paged_attention";
+  const AttentionDims d = validate_paged_attention(op, query_in, key_cache, value_cache,
+                                                   block_table, seq_lens, query_start_loc,
+                                                   alibi_slopes, k_scale, v_scale);
+  check_attention_ranges(op, block_table, seq_lens, query_start_loc, d);
+  const at::Tensor query = query_in.stride(2) == 1 ? query_in : query_in.contiguous();
+  at::Tensor out = at::empty({d.num_q_tokens, d.num_heads, d.cache.head_size}, query.options());
+  if (d.num_q_tokens == 0) return out;
+  at::Tensor no_lse;
+  run_attention(d, query, key_cache, value_cache, block_table, seq_lens, query_start_loc, scale,
+                alibi_slopes, sliding_window, softcap, k_scale, v_scale, /*causal=*/true, out,
+                no_lse);
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> paged_attention_lse(
+    const at::Tensor& query_in, const at::Tensor& key_cache, const at::Tensor& value_cache,
+    const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
+    double scale, const std::optional<at::Tensor>& alibi_slopes, int64_t sliding_window,
+    double softcap, const std::optional<at::Tensor>& k_scale,
+    const std::optional<at::Tensor>& v_scale, bool causal) {
+  const AttentionDims d = validate_paged_attention_lse(
+      query_in, key_cache, value_cache, block_table, seq_lens, query_start_loc, alibi_slopes,
+      sliding_window, k_scale, v_scale, causal);
+  check_attention_ranges("paged_attention_lse", block_table, seq_lens, query_start_loc, d,
+                         causal);
+  const at::Tensor query = query_in.stride(2) == 1 ? query_in : query_in.contiguous();
+  at::Tensor out = at::empty({d.num_q_tokens, d.num_heads, d.cache.head_size}, query.options());
+  at::Tensor lse = at::empty({d.num_q_tokens, d.num_heads}, query.options().dtype(at::kFloat));
+  if (d.num_q_tokens == 0) return {out, lse};
+  run_attention(d, query, key_cache, value_cache, block_table, seq_lens, query_start_loc, scale,
+                alibi_slopes, sliding_window, softcap, k_scale, v_scale, causal, out, lse);
+  return {out, lse};
 }
 
 }  // namespace pagedkv::cpu

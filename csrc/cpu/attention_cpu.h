@@ -6,11 +6,12 @@
 
 namespace pagedkv::cpu {
 
-// Raw pointers and strides for one paged_attention call.
+// Raw pointers and strides for one paged_attention / paged_attention_lse call.
 struct AttnArgs {
   const void* query;
   int64_t q_stride_tok, q_stride_head;
   void* out;  // contiguous [num_q_tokens, num_heads, head_size], query dtype
+  float* lse;  // contiguous [num_q_tokens, num_heads], or nullptr: not wanted
   const void* key_cache;
   const void* value_cache;
   int64_t cache_stride_tok;  // num_kv_heads * head_size; a block is block_size of these
@@ -21,6 +22,7 @@ struct AttnArgs {
   const float* alibi_slopes;  // nullptr: no ALiBi
   float scale, softcap, k_scale, v_scale;
   int64_t sliding_window;
+  bool causal;  // false: every query row of a sequence sees all of its seq_len keys
   int num_heads, num_kv_heads, head_size, block_size;
 };
 

@@ -1,5 +1,8 @@
 // CPU paged attention: one online-softmax pass over each sequence's cache blocks
 // (flash-decoding style), float32 accumulation, K/V read in place from the paged cache.
+// The same kernel serves paged_attention_lse: it also writes each row's log-sum-exp
+// (m + log l of its online softmax), and with causal=False every row of a sequence sees
+// all of its keys, so a shared prefix's rows form one tile that reads each K/V row once.
 //
 // A work item is (sequence, a range of kv heads, a tile of that sequence's query rows).
 // All query heads of each kv head's GQA group and all rows of the tile are processed
@@ -20,6 +23,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -269,6 +273,26 @@ struct Scratch {
   std::vector<uint16_t> bf16;  // bf16 queries for vdpbf16ps
 };
 
+// Normalized outputs (and lse when asked) of the NV query vectors of a work item. A row
+// that saw no key (l = 0: only with causal=False over an empty sequence) gets 0 and -inf.
+template <typename q_t, typename cache_t, typename RowOf, typename HeadOf>
+inline void write_rows(const TypedArgs<q_t, cache_t>& a, int64_t q0, int NV, int64_t D,
+                       int64_t DP, const float* acc, const float* m, const float* l,
+                       RowOf row_of, HeadOf head_of) {
+  for (int v = 0; v < NV; ++v) {
+    const int64_t idx = (q0 + row_of(v)) * a.num_heads + head_of(v);
+    q_t* o = a.o() + idx * D;
+    if (l[v] == 0.f) {
+      std::fill(o, o + D, static_cast<q_t>(0.f));
+    } else {
+      const float inv = a.v_scale / l[v];
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<q_t>(acc[v * DP + d] * inv);
+    }
+    if (a.lse != nullptr)
+      a.lse[idx] = l[v] == 0.f ? -std::numeric_limits<float>::infinity() : m[v] + std::log(l[v]);
+  }
+}
+
 template <typename q_t, typename cache_t, int HEAD, int BLOCK>
 void attention_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it, Scratch& scratch) {
   const int64_t D = HEAD ? HEAD : a.head_size;
@@ -282,7 +306,8 @@ void attention_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it, Scratc
   const int NV = NVH * nkv;
   const int64_t q0 = a.query_start_loc[it.seq];
   const int64_t q_len = a.query_start_loc[it.seq + 1] - q0;
-  const int64_t base_pos = a.seq_lens[it.seq] - q_len;  // position of query row 0
+  const int64_t seq_len = a.seq_lens[it.seq];
+  const int64_t base_pos = seq_len - q_len;  // position of query row 0
   auto row_of = [&](int v) { return it.row_begin + (v % NVH) / G; };
   auto head_of = [&](int v) { return (it.kv_head_begin + v / NVH) * G + v % G; };
   auto q_row = [&](int v) {
@@ -320,6 +345,8 @@ void attention_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it, Scratc
   const int64_t p_first = base_pos + it.row_begin;
   const int64_t p_last = base_pos + it.row_end - 1;
   const int64_t k_lo = W > 0 ? std::max<int64_t>(0, p_first - W + 1) : 0;
+  // Keys [k_lo, k_end): up to the tile's last row, or (causal=False) the whole sequence.
+  const int64_t k_end = a.causal ? p_last + 1 : seq_len;
   const int32_t* table = a.block_table + it.seq * a.block_table_stride;
   const Loader<cache_t> load;
   const Vec neg_inf(-std::numeric_limits<float>::infinity());
@@ -328,9 +355,9 @@ void attention_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it, Scratc
     return cache + (int64_t(table[b]) * BS + (t - b * BS)) * stride + int64_t(it.kv_head_begin) * D;
   };
 
-  for (int64_t b = k_lo / BS; b <= p_last / BS; ++b) {
+  for (int64_t b = k_lo / BS; b * BS < k_end; ++b) {
     const int64_t t0 = std::max(b * BS, k_lo);
-    const int64_t t1 = std::min((b + 1) * BS, p_last + 1);
+    const int64_t t1 = std::min((b + 1) * BS, k_end);
     const int n = int(t1 - t0);
     const cache_t* kb = rows_at(a.k_cache(), b, t0);
     const cache_t* vb = rows_at(a.v_cache(), b, t0);
@@ -338,9 +365,9 @@ void attention_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it, Scratc
     // computed here, so memory traffic overlaps the arithmetic (a burst of prefetches
     // per block stalls instead: measured 11 vs 25-30 GB/s).
     const int64_t bn = b + kPrefetchBlocks;
-    const bool has_next = bn <= p_last / BS;
     const int64_t tn = bn * BS;
-    const int nn = has_next ? int(std::min<int64_t>(BS, p_last + 1 - tn)) : 0;
+    const bool has_next = tn < k_end;
+    const int nn = has_next ? int(std::min<int64_t>(BS, k_end - tn)) : 0;
     const cache_t* next_k = has_next ? rows_at(a.k_cache(), bn, tn) : nullptr;
     const cache_t* next_v = has_next ? rows_at(a.v_cache(), bn, tn) : nullptr;
 
@@ -390,7 +417,7 @@ void attention_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it, Scratc
         for (int j = 0; j < n; ++j) sv[j] += slope * float(t0 + j - p);
       }
       // Causal and window mask; whole-block fast path when every key is visible.
-      if (t1 - 1 > p || (W > 0 && t0 <= p - W)) {
+      if (a.causal && (t1 - 1 > p || (W > 0 && t0 <= p - W))) {
         for (int j = 0; j < n; ++j) {
           const int64_t k = t0 + j;
           if (k > p || (W > 0 && k <= p - W)) sv[j] = -std::numeric_limits<float>::infinity();
@@ -441,11 +468,7 @@ void attention_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it, Scratc
     }
   }
 
-  for (int v = 0; v < NV; ++v) {
-    q_t* o = a.o() + ((q0 + row_of(v)) * a.num_heads + head_of(v)) * D;
-    const float inv = a.v_scale / l[v];
-    for (int64_t d = 0; d < D; ++d) o[d] = static_cast<q_t>(acc[v * DP + d] * inv);
-  }
+  write_rows(a, q0, NV, D, DP, acc, m, l, row_of, head_of);
 }
 
 template <typename q_t, typename cache_t, int HEAD, int BLOCK>

@@ -1,7 +1,8 @@
-// paged_attention, CUDA backend: validate on the host (shapes, dtypes, devices,
-// strides; index ranges only in debug mode), choose the decode or prefill kernel from
-// shapes alone, size the split-K scratch from shapes alone, launch on the current stream.
-// Nothing here reads metadata values, so the op is capturable by CUDA graphs.
+// paged_attention, paged_attention_lse and merge_attn_states, CUDA backend: validate on
+// the host (shapes, dtypes, devices, strides; index ranges only in debug mode), choose the
+// decode or prefill kernel from shapes alone, size the split-K scratch from shapes alone,
+// launch on the current stream. Nothing here reads metadata values, so the ops are
+// capturable by CUDA graphs.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -53,28 +54,15 @@ void with_dtypes(at::ScalarType q, at::ScalarType c, F&& f) {
 
 const int32_t* int_ptr(const at::Tensor& t) { return t.data_ptr<int32_t>(); }
 
-}  // namespace
-
-at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
-                           const at::Tensor& value_cache, const at::Tensor& block_table,
-                           const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
-                           double scale, const std::optional<at::Tensor>& alibi_slopes,
-                           int64_t sliding_window, double softcap,
-                           const std::optional<at::Tensor>& k_scale,
-                           const std::optional<at::Tensor>& v_scale) {
-  const char* op = "paged_attention";
-  const AttentionDims d = validate_paged_attention(query, key_cache, value_cache, block_table,
-                                                   seq_lens, query_start_loc, alibi_slopes,
-                                                   k_scale, v_scale);
-  TORCH_CHECK(key_cache.is_cuda(), op, ": the CUDA kernel needs key_cache on a CUDA device, got ",
-              key_cache.device());
-  const c10::cuda::CUDAGuard guard(key_cache.device());
-  if (debug_range_checks()) {
-    check_attention_ranges(block_table.cpu(), seq_lens.cpu(), query_start_loc.cpu(), d);
-  }
-  at::Tensor out = at::empty({d.num_q_tokens, d.num_heads, d.cache.head_size}, query.options());
-  if (d.num_q_tokens == 0) return out;
-
+// Validated arguments in, out (and lse when defined) written on the current stream.
+void run_attention(const char* op, const AttentionDims& d, const at::Tensor& query,
+                   const at::Tensor& key_cache, const at::Tensor& value_cache,
+                   const at::Tensor& block_table, const at::Tensor& seq_lens,
+                   const at::Tensor& query_start_loc, double scale,
+                   const std::optional<at::Tensor>& alibi_slopes, int64_t sliding_window,
+                   double softcap, const std::optional<at::Tensor>& k_scale,
+                   const std::optional<at::Tensor>& v_scale, bool causal, at::Tensor& out,
+                   at::Tensor& lse) {
   constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
   TORCH_CHECK(d.num_q_tokens <= kIntMax && d.cache.num_blocks <= kIntMax &&
                   d.max_blocks_per_seq * d.cache.block_size <= kIntMax,
@@ -98,6 +86,7 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
   p.q_stride_head = query.stride(1);
   p.q_stride_dim = query.stride(2);
   p.out = out.data_ptr();
+  p.lse = lse.defined() ? lse.data_ptr<float>() : nullptr;
   p.key_cache = key_cache.data_ptr();
   p.value_cache = value_cache.data_ptr();
   p.block_table = int_ptr(bt);
@@ -111,6 +100,7 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
   p.scale = float(scale);
   p.softcap = softcap > 0 ? float(softcap) : 0.f;
   p.sliding_window = sliding_window > 0 ? int(std::min<int64_t>(sliding_window, kIntMax)) : -1;
+  p.causal = causal;
   p.num_q_tokens = int(d.num_q_tokens);
   p.num_seqs = int(d.num_seqs);
   p.num_heads = int(d.num_heads);
@@ -153,7 +143,82 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
     });
   }
   C10_CUDA_CHECK(err);
+}
+
+}  // namespace
+
+at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
+                           const at::Tensor& value_cache, const at::Tensor& block_table,
+                           const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
+                           double scale, const std::optional<at::Tensor>& alibi_slopes,
+                           int64_t sliding_window, double softcap,
+                           const std::optional<at::Tensor>& k_scale,
+                           const std::optional<at::Tensor>& v_scale) {
+  const char* op = "paged_attention";
+  const AttentionDims d = validate_paged_attention(op, query, key_cache, value_cache,
+                                                   block_table, seq_lens, query_start_loc,
+                                                   alibi_slopes, k_scale, v_scale);
+  TORCH_CHECK(key_cache.is_cuda(), op, ": the CUDA kernel needs key_cache on a CUDA device, got ",
+              key_cache.device());
+  const c10::cuda::CUDAGuard guard(key_cache.device());
+  if (debug_range_checks()) {
+    check_attention_ranges(op, block_table.cpu(), seq_lens.cpu(), query_start_loc.cpu(), d);
+  }
+  at::Tensor out = at::empty({d.num_q_tokens, d.num_heads, d.cache.head_size}, query.options());
+  if (d.num_q_tokens == 0) return out;
+  at::Tensor no_lse;
+  run_attention(op, d, query, key_cache, value_cache, block_table, seq_lens, query_start_loc,
+                scale, alibi_slopes, sliding_window, softcap, k_scale, v_scale,
+                /*causal=*/true, out, no_lse);
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> paged_attention_lse(
+    const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
+    const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
+    double scale, const std::optional<at::Tensor>& alibi_slopes, int64_t sliding_window,
+    double softcap, const std::optional<at::Tensor>& k_scale,
+    const std::optional<at::Tensor>& v_scale, bool causal) {
+  const char* op = "paged_attention_lse";
+  const AttentionDims d = validate_paged_attention_lse(
+      query, key_cache, value_cache, block_table, seq_lens, query_start_loc, alibi_slopes,
+      sliding_window, k_scale, v_scale, causal);
+  TORCH_CHECK(key_cache.is_cuda(), op, ": the CUDA kernel needs key_cache on a CUDA device, got ",
+              key_cache.device());
+  const c10::cuda::CUDAGuard guard(key_cache.device());
+  if (debug_range_checks()) {
+    check_attention_ranges(op, block_table.cpu(), seq_lens.cpu(), query_start_loc.cpu(), d,
+                           causal);
+  }
+  at::Tensor out = at::empty({d.num_q_tokens, d.num_heads, d.cache.head_size}, query.options());
+  at::Tensor lse = at::empty({d.num_q_tokens, d.num_heads}, query.options().dtype(at::kFloat));
+  if (d.num_q_tokens == 0) return {out, lse};
+  run_attention(op, d, query, key_cache, value_cache, block_table, seq_lens, query_start_loc,
+                scale, alibi_slopes, sliding_window, softcap, k_scale, v_scale, causal, out, lse);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> merge_attn_states(const at::Tensor& out_a,
+                                                     const at::Tensor& lse_a,
+                                                     const at::Tensor& out_b,
+                                                     const at::Tensor& lse_b) {
+  const char* op = "merge_attn_states";
+  const MergeDims d = validate_merge_attn_states(out_a, lse_a, out_b, lse_b);
+  TORCH_CHECK(out_a.is_cuda(), op, ": the CUDA kernel needs out_a on a CUDA device, got ",
+              out_a.device());
+  const c10::cuda::CUDAGuard guard(out_a.device());
+  const at::Tensor oa = out_a.contiguous(), ob = out_b.contiguous();
+  const at::Tensor la = lse_a.contiguous(), lb = lse_b.contiguous();
+  at::Tensor out = at::empty({d.num_tokens, d.num_heads, d.head_size}, oa.options());
+  at::Tensor lse = at::empty({d.num_tokens, d.num_heads}, la.options());
+  const MergeParams p{oa.data_ptr(), la.data_ptr<float>(), ob.data_ptr(), lb.data_ptr<float>(),
+                      out.data_ptr(), lse.data_ptr<float>(), d.num_tokens * d.num_heads,
+                      d.head_size};
+  if (p.rows == 0) return {out, lse};
+  C10_CUDA_CHECK(launch_merge_attn_states(p, dtype_of(oa.scalar_type()),
+                                          dtype_of(ob.scalar_type()),
+                                          c10::cuda::getCurrentCUDAStream().stream()));
+  return {out, lse};
 }
 
 }  // namespace pagedkv::cuda

@@ -19,7 +19,8 @@
 // A row whose visible keys fit in one partition writes its output directly; otherwise
 // every partition writes (output / sum, max, sum) to scratch and decode_reduce_kernel
 // merges them by log-sum-exp. Both kernels derive the row's partitions from the same
-// device-side metadata, so they agree without any host involvement.
+// device-side metadata, so they agree without any host involvement. paged_attention_lse
+// also gets each row's lse from whichever kernel writes the row's output.
 #pragma once
 
 #include "cuda/common.cuh"
@@ -67,13 +68,14 @@ __global__ void __launch_bounds__(256)
   QE* out = static_cast<QE*>(p.out);
 
   const RowInfo row = locate_row(p, t);
-  if (!row.valid) {  // no visible key (or malformed metadata): the row's output is 0
+  if (!row.valid) {  // no visible key (or malformed metadata): output 0, lse -inf
     if (part == 0) {
       const float zero[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
       for (int idx = tid; idx < gp * nchunks; idx += blockDim.x) {
         const int h = idx / nchunks, c = idx - h * nchunks;
         Vec8<QT>::store(out + (int64_t(t) * p.num_heads + h0 + h) * D + c * 8, zero);
       }
+      if (p.lse && tid < gp) p.lse[int64_t(t) * p.num_heads + h0 + tid] = kNegInf;
     }
     return;
   }
@@ -284,6 +286,9 @@ __global__ void __launch_bounds__(256)
     scratch.part_max[idx] = m_s[tid];
     scratch.part_sum[idx] = l_s[tid];
   }
+  if (single && p.lse && tid < gp) {
+    p.lse[int64_t(t) * p.num_heads + h0 + tid] = lse_of(m_s[tid], l_s[tid]);
+  }
 }
 
 // Merges the partitions of each (row, head) by log-sum-exp: with partition maxima m_p,
@@ -311,6 +316,7 @@ __global__ void __launch_bounds__(128)
   for (int q = first; q <= last; ++q)
     if (ps[q] > 0.f) total += ps[q] * expf(pm[q] - M);
   const float inv = total > 0.f ? 1.f / total : 0.f;
+  if (p.lse && threadIdx.x == 0) p.lse[int64_t(t) * p.num_heads + h] = lse_of(M, total);
 
   const int D = p.head_size;
   QE* out = static_cast<QE*>(p.out) + (int64_t(t) * p.num_heads + h) * D;

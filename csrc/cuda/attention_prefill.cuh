@@ -13,7 +13,9 @@
 // vectors), scores get softcap, ALiBi and the causal / sliding-window mask, and an
 // online softmax folds each key tile into the output accumulator (also in shared
 // memory). A simple CUDA-core kernel: correct for any mix of query lengths, with
-// K/V traffic shared across the rows and heads of a tile.
+// K/V traffic shared across the rows and heads of a tile. paged_attention_lse: each row
+// also writes its lse (m + log l); with causal=False every row sees the whole sequence,
+// so a shared prefix's K/V tile serves all the tile's rows.
 #pragma once
 
 #include "cuda/common.cuh"
@@ -69,11 +71,14 @@ __global__ void __launch_bounds__(256)
   const int nv = nr * hp;  // vector v = (row v / hp, head v % hp); valid iff head < gp
 
   const int64_t max_ctx = int64_t(p.max_blocks_per_seq) * p.block_size;
-  const int64_t p_first = int64_t(__ldg(p.seq_lens + seq)) - q_len + r0;  // row r0's position
+  const int64_t seq_len = __ldg(p.seq_lens + seq);
+  const int64_t p_first = seq_len - q_len + r0;  // row r0's position
   const int64_t p_last = p_first + nr - 1;
-  const int W = p.sliding_window;
+  const bool causal = p.causal;
+  const int W = causal ? p.sliding_window : -1;
   const int64_t k_lo = W > 0 ? max(int64_t(0), p_first - W + 1) : 0;
-  const int64_t k_hi = min(p_last + 1, max_ctx);
+  // Keys up to the tile's last row, or (causal=False) the whole sequence.
+  const int64_t k_hi = min(causal ? p_last + 1 : seq_len, max_ctx);
 
   extern __shared__ float smem[];
   float* Qs = smem;             // [QV][DP] query * scale * k_scale
@@ -179,7 +184,8 @@ __global__ void __launch_bounds__(256)
           for (int kk = 0; kk < 4; ++kk) {
             const int j = kq + KQ * kk;
             const int64_t k = kb + j;
-            const bool visible = vec_ok && j < nk && kval[j] && k <= pos && (W <= 0 || k > pos - W);
+            const bool visible = vec_ok && j < nk && kval[j] &&
+                                 (!causal || (k <= pos && (W <= 0 || k > pos - W)));
             Ss[v * KT + j] = visible ? finish_score(acc[a][kk], p.softcap, slope, k, pos) : kNegInf;
           }
         }
@@ -246,6 +252,12 @@ __global__ void __launch_bounds__(256)
 #pragma unroll
     for (int e = 0; e < 8; ++e) o[e] = Os[v * D + c * 8 + e] * inv;
     Vec8<QT>::store(out + ((q0 + r0 + r) * p.num_heads + h0 + h) * D + c * 8, o);
+  }
+  if (p.lse) {
+    for (int v = tid; v < nv; v += NT) {
+      const int r = v / hp, h = v - r * hp;
+      if (h < gp) p.lse[(q0 + r0 + r) * p.num_heads + h0 + h] = lse_of(m_s[v], l_s[v]);
+    }
   }
 }
 

@@ -181,9 +181,10 @@ __host__ __device__ inline int log2_if_pow2(int x) {
   return s;
 }
 
-// Where query row t lies: its sequence, position and visible keys [k_lo, k_hi). Found on
-// the device from query_start_loc, so no host ever reads the metadata. Malformed
-// metadata yields valid = false (the row then gets zeros), never an out-of-range read.
+// Where query row t lies: its sequence, position and visible keys [k_lo, k_hi) (all of
+// the sequence's keys when p.causal is false). Found on the device from query_start_loc,
+// so no host ever reads the metadata. A row with no visible key, or malformed metadata,
+// yields valid = false (the row then gets zeros and lse -inf), never an out-of-range read.
 struct RowInfo {
   int seq;
   int64_t pos;
@@ -209,9 +210,12 @@ __device__ __forceinline__ RowInfo locate_row(const AttentionParams& p, int t) {
   const int64_t q0 = __ldg(p.query_start_loc + i), q1 = __ldg(p.query_start_loc + i + 1);
   if (!(q0 <= t && t < q1)) return r;
   const int64_t max_ctx = int64_t(p.max_blocks_per_seq) * p.block_size;
-  const int64_t pos = int64_t(__ldg(p.seq_lens + i)) - (q1 - q0) + (t - q0);
-  const int64_t hi = pos + 1 < max_ctx ? pos + 1 : max_ctx;  // never past the table
-  const int64_t lo = p.sliding_window > 0 ? (pos - p.sliding_window + 1 > 0 ? pos - p.sliding_window + 1 : 0) : 0;
+  const int64_t seq_len = __ldg(p.seq_lens + i);
+  const int64_t pos = seq_len - (q1 - q0) + (t - q0);
+  // Keys up to the row's position, or (causal=False) the whole sequence.
+  const int64_t end = p.causal ? pos + 1 : seq_len;
+  const int64_t hi = end < max_ctx ? end : max_ctx;  // never past the table
+  const int64_t lo = p.causal && p.sliding_window > 0 ? (pos - p.sliding_window + 1 > 0 ? pos - p.sliding_window + 1 : 0) : 0;
   r.seq = i;
   r.pos = pos;
   r.k_lo = int(lo < hi ? lo : 0);
@@ -228,5 +232,10 @@ __device__ __forceinline__ float finish_score(float s, float softcap, float slop
 }
 
 __device__ __forceinline__ float load_scale(const float* s) { return s ? __ldg(s) : 1.f; }
+
+// log-sum-exp of a softmax with maximum m and sum l of exp(score - m); -inf for no key.
+__device__ __forceinline__ float lse_of(float m, float l) {
+  return l > 0.f ? m + logf(l) : kNegInf;
+}
 
 }  // namespace pagedkv::cuda

@@ -48,6 +48,7 @@ struct AttentionParams {
   const void* query;  // [num_q_tokens, num_heads, head_size], any strides
   int64_t q_stride_tok, q_stride_head, q_stride_dim;
   void* out;  // contiguous [num_q_tokens, num_heads, head_size], query dtype
+  float* lse;  // contiguous [num_q_tokens, num_heads] (paged_attention_lse), or nullptr
   const void* key_cache;    // contiguous [num_blocks, block_size, num_kv_heads, head_size],
   const void* value_cache;  // 16-byte aligned
   const int32_t* block_table;  // [num_seqs, max_blocks_per_seq], unit column stride
@@ -60,6 +61,7 @@ struct AttentionParams {
   float scale;
   float softcap;       // <= 0: off
   int sliding_window;  // <= 0: off
+  bool causal;         // false: every query row of a sequence sees all of its seq_len keys
   int num_q_tokens, num_seqs, num_heads, num_kv_heads, head_size, block_size, num_blocks;
   int max_blocks_per_seq;
 };
@@ -122,6 +124,22 @@ cudaError_t decode_kernel_info(AttentionKernel which, int head_size, int heads_p
 template <typename Q, typename C>
 cudaError_t prefill_kernel_info(int head_size, bool generic, int threads, size_t dynamic_smem,
                                 KernelInfo* info);
+
+// ---------------------------------------------------------------------------------------
+// merge_attn_states (merge_states.cu)
+// ---------------------------------------------------------------------------------------
+
+struct MergeParams {
+  const void* out_a;  // contiguous [rows, head_size], dtype a
+  const float* lse_a;  // [rows]
+  const void* out_b;  // contiguous [rows, head_size], dtype b
+  const float* lse_b;
+  void* out;  // contiguous [rows, head_size], dtype a
+  float* lse;
+  int64_t rows;  // num_tokens * num_heads
+  int64_t head_size;
+};
+cudaError_t launch_merge_attn_states(const MergeParams& p, DType a, DType b, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------
 // reshape_and_cache, copy_blocks, swap_blocks (cache_kernels.cu)

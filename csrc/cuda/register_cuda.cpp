@@ -10,6 +10,8 @@
 TORCH_LIBRARY_IMPL(pagedkv, CUDA, m) {
   m.impl("reshape_and_cache", &pagedkv::cuda::reshape_and_cache);
   m.impl("paged_attention", &pagedkv::cuda::paged_attention);
+  m.impl("paged_attention_lse", &pagedkv::cuda::paged_attention_lse);
+  m.impl("merge_attn_states", &pagedkv::cuda::merge_attn_states);
   m.impl("copy_blocks", &pagedkv::cuda::copy_blocks);
   m.impl("swap_blocks", &pagedkv::cuda::swap_blocks);
 }
