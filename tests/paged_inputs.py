@@ -1,5 +1,6 @@
 """Random paged-cache inputs for the op tests: caches full of random data (never zeros),
-block tables drawn as random permutations, mixed batches described by (q_len, seq_len)."""
+block tables drawn as random permutations, mixed batches described by (q_len, seq_len),
+and steps of sequences sharing prefix blocks (cascade)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -74,3 +75,35 @@ def make_batch(seqs: list[tuple[int, int]], num_heads: int, num_kv_heads: int, h
     return Batch(query.to(device), key_cache, value_cache, table.to(device),
                  torch.tensor([s for _, s in seqs], dtype=torch.int32, device=device),
                  qsl.to(device), k_scale, v_scale)
+
+
+def prefix_group_rows(groups, loners, block_size: int, seed: int = 0):
+    """Planner rows (block ids, num_computed, num_new) of a step with shared prefixes.
+
+    groups: [(shared blocks, [(tokens after the prefix before the queries, q_len), ...])];
+    loners: [(seq_len, q_len)]. Members of a group share physical blocks; the rows take
+    the groups in turn, so members are not contiguous in the step; physical ids are a
+    random permutation. Returns (rows, blocks used)."""
+    by_group = []
+    next_block = 0
+    for shared, members in groups:
+        prefix = list(range(next_block, next_block + shared))
+        next_block += shared
+        rows = []
+        for extra, q_len in members:
+            computed = shared * block_size + extra
+            own = -(-(computed + q_len) // block_size) - shared
+            rows.append((prefix + list(range(next_block, next_block + own)), computed, q_len))
+            next_block += own
+        by_group.append(rows)
+    for seq_len, q_len in loners:
+        n = -(-seq_len // block_size)
+        by_group.append([(list(range(next_block, next_block + n)), seq_len - q_len, q_len)])
+        next_block += n
+    rows = []
+    while any(by_group):
+        for r in by_group:
+            if r:
+                rows.append(r.pop(0))
+    perm = torch.randperm(next_block, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [([perm[b] for b in ids], c, n) for ids, c, n in rows], next_block

@@ -4,6 +4,7 @@ code never copies or clones the cache."""
 import math
 
 import torch
+import torch.fx.experimental._config as fx_config
 from torch._inductor.utils import run_and_get_code
 
 import torch_pagedkv as pk
@@ -117,3 +118,63 @@ def test_inductor_code_never_copies_the_cache():
     assert "torch.ops.pagedkv.paged_attention.default(" in text
     for forbidden in ("clone", "copy_", ".copy(", "aten.copy"):
         assert forbidden not in text, f"Inductor output code contains {forbidden!r}:\n{text}"
+
+
+# Cascade attention (a step's shared prefixes read once) compiles without a graph break,
+# and steps whose groups change in number and size reuse one cascade graph beside the
+# plain one: the planner's cascade tensors have fixed shapes or per-step sizes only
+# (with duck sizing off, as the engine compiles).
+CASCADE_STEPS = [  # (groups, loners): see paged_inputs.prefix_group_rows
+    ([(3, [(0, 1), (5, 1), (2, 1)])], [(40, 1)]),
+    ([(2, [(0, 1)] * 5), (4, [(1, 1), (3, 6)])], [(9, 2), (17, 1)]),
+    ([], [(20, 1), (33, 4)]),  # a plain step
+    ([(1, [(0, 3), (7, 1)]), (2, [(2, 1)] * 3), (3, [(0, 1), (0, 1)])], []),
+    ([(5, [(9, 1)] * 8)], [(3, 3)]),
+]
+
+
+def test_cascade_compiles_into_one_graph_beside_the_plain_one():
+    from torch_pagedkv.cache import StepPlanner
+    from torch_pagedkv.cache.step_plan import ALWAYS_CASCADE
+    from torch_pagedkv.layers import write_and_attend
+    from paged_inputs import prefix_group_rows, random_cache
+
+    def step(query, key, value, key_cache, value_cache, metadata):
+        return write_and_attend(query, key, value, (key_cache, value_cache), metadata,
+                                scale=1.0 / math.sqrt(HEAD))
+
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        from torch._inductor.compile_fx import compile_fx
+        compiled = compile_fx(gm, example_inputs)
+        graphs.append(gm)  # after: a trace dynamo restarts does not count
+        return compiled
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend=counting_backend, fullgraph=True, dynamic=True)
+    # One planner and one cache for every step, as an engine holds them.
+    planner = StepPlanner(BLOCK, max_num_seqs=16, max_num_tokens=64, max_blocks_per_seq=12,
+                          cascade=ALWAYS_CASCADE)
+    g = torch.Generator().manual_seed(0)
+    key_cache = random_cache(128, BLOCK, KV_HEADS, HEAD, torch.float32, "cpu", g)
+    value_cache = random_cache(128, BLOCK, KV_HEADS, HEAD, torch.float32, "cpu", g)
+    kinds = []
+    for seed, (groups, loners) in enumerate(CASCADE_STEPS):
+        rows, _ = prefix_group_rows(groups, loners, BLOCK, seed)
+        meta = planner.plan(rows)
+        kinds.append(meta.cascade is not None)
+        n = meta.num_tokens
+        query = torch.randn(n, NUM_HEADS, HEAD, generator=g)
+        key = torch.randn(n, KV_HEADS, HEAD, generator=g)
+        value = torch.randn(n, KV_HEADS, HEAD, generator=g)
+        caches = key_cache.clone(), value_cache.clone()
+        want = step(query, key, value, *caches, meta)
+        with fx_config.patch(use_duck_shape=False):  # as the engine runs it (model_runner)
+            got = compiled(query, key, value, key_cache, value_cache, meta)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        assert torch.equal(key_cache, caches[0]) and torch.equal(value_cache, caches[1])
+    assert kinds == [True, True, False, True, True]
+    assert len(graphs) == 2, f"{len(graphs)} graphs for one plain and four cascade steps"
+    codes = "\n".join(g.code for g in graphs)
+    assert "pagedkv.paged_attention_lse" in codes and "pagedkv.merge_attn_states" in codes

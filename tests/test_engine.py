@@ -169,6 +169,77 @@ def test_compiled_and_eager_engines_give_identical_tokens_with_at_most_two_graph
     assert eager.num_compiled_graphs == 0
 
 
+def run_recording_cascade(llm: LLM, prompts, params):
+    """generate() by hand; per step (prefill tokens, decode tokens, cascade planned)."""
+    reqs = [llm.add_request(p, sp) for p, sp in zip(prompts, params)]
+    kinds = []
+    while llm.has_unfinished():
+        st = llm.step()
+        if st.scheduled.scheduled:
+            kinds.append((st.scheduled.num_prefill_tokens, st.scheduled.num_decode_tokens,
+                          llm.runner.last_metadata.cascade is not None))
+    return [[c.output_token_ids for c in r.sequences] for r in reqs], kinds
+
+
+@pytest.mark.parametrize("cache_dtype", [None, torch.float8_e4m3fn])
+def test_cascade_on_and_off_give_identical_tokens(model, reference, cache_dtype):
+    """Prefix caching and chunked prefill on, greedy forks (n = 2): the same tokens with
+    cascade attention as without, and cascade really ran, in mixed steps too."""
+    params = [SamplingParams(max_tokens=MAX_TOKENS, n=1 + (i % 4 == 0)) for i in range(10)]
+    kw = dict(max_num_batched_tokens=24, cache_dtype=cache_dtype)
+    on, kinds = run_recording_cascade(engine(model, enable_cascade=True, **kw), PROMPTS, params)
+    off, off_kinds = run_recording_cascade(engine(model, enable_cascade=False, **kw), PROMPTS,
+                                           params)
+    assert on == off
+    if cache_dtype is None:
+        assert [samples[0] for samples in on] == reference
+        assert all(len(set(map(tuple, samples))) == 1 for samples in on)  # greedy forks agree
+    assert not any(c for _, _, c in off_kinds)
+    assert sum(c for _, _, c in kinds) >= 5
+    assert any(c and prefill and decode for prefill, decode, c in kinds)  # a mixed step
+
+
+def test_cascade_default_waits_for_a_worthwhile_group(model):
+    """enable_cascade=None plans cascade only for a group meeting AUTO_CASCADE; 3 families
+    sharing 4 blocks of 8 tokens never do, 12 prompts sharing 40 blocks do."""
+    from torch_pagedkv.cache.step_plan import AUTO_CASCADE
+    small = engine(model)
+    small.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert small.stats.num_cascade_steps == 0
+    rng = random.Random(5)
+    blocks = -(-AUTO_CASCADE.min_shared_tokens // BLOCK) + 1
+    system = [rng.randrange(CFG.vocab_size) for _ in range(blocks * BLOCK + 3)]
+    prompts = [system + [rng.randrange(CFG.vocab_size) for _ in range(rng.randint(1, 9))]
+               for _ in range(max(12, AUTO_CASCADE.min_seqs))]
+    big = engine(model, num_blocks=512, max_num_batched_tokens=512)
+    outs = big.generate(prompts, SamplingParams(max_tokens=4), use_tqdm=False)
+    assert big.stats.num_cascade_steps >= 3
+    plain = engine(model, num_blocks=512, max_num_batched_tokens=512, enable_cascade=False)
+    assert [o.token_ids for o in outs] == \
+        [o.token_ids for o in plain.generate(prompts, SamplingParams(max_tokens=4),
+                                             use_tqdm=False)]
+
+
+def test_compiled_cascade_adds_one_graph():
+    """A compiled engine with cascade compiles one graph for plain steps and one for
+    cascade steps, whatever the groups, and gives the eager plain engine's tokens."""
+    m = TinyLlama(COMPILE_CFG)
+    rng = random.Random(8)
+    heads = [[rng.randrange(384) for _ in range(rng.randint(9, 30))] for _ in range(3)]
+    prompts = [heads[i % 3] + [rng.randrange(384) for _ in range(rng.randint(1, 12))]
+               for i in range(10)]
+    params = [SamplingParams(max_tokens=rng.randint(2, 8), n=1 + (i == 4)) for i in range(10)]
+    kw = dict(num_blocks=96, block_size=4, max_num_batched_tokens=24, max_num_seqs=6)
+    torch._dynamo.reset()
+    compiled = LLM(m, compile=True, enable_cascade=True, **kw)
+    want, _ = run_recording_cascade(LLM(m, compile=False, enable_cascade=False, **kw),
+                                    prompts, params)
+    got, kinds = run_recording_cascade(compiled, prompts, params)
+    assert got == want
+    assert any(c for *_, c in kinds) and not all(c for *_, c in kinds)
+    assert compiled.num_compiled_graphs == 2
+
+
 def test_200_random_requests_leave_no_block_referenced(model):
     rng = random.Random(7)
     shared = [rng.randrange(CFG.vocab_size) for _ in range(24)]

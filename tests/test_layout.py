@@ -28,6 +28,9 @@ def calls_of(name: str) -> set[str]:
 
 def test_one_place_writes_and_attends():
     assert calls_of("reshape_and_cache") == calls_of("paged_attention") == {"layers/attention.py"}
+    # Cascade attention lives beside it: write_and_attend's cascade_attention.
+    assert calls_of("paged_attention_lse") == calls_of("merge_attn_states") == \
+        {"layers/attention.py"}
 
 
 def test_import_loads_no_engine_integration_or_tuning():

@@ -10,16 +10,18 @@ from . import ops, reference
 from ._load import HAS_CUDA_KERNELS
 from .cache import BlockManager, BlockTable, NoFreeBlocksError, StepPlanner
 from .cache.kv_cache import KVCache
-from .layers import AttentionMetadata, PagedAttention, write_and_attend
-from .ops import copy_blocks, paged_attention, reshape_and_cache, swap_blocks
+from .layers import AttentionMetadata, CascadeMetadata, PagedAttention, write_and_attend
+from .ops import (copy_blocks, merge_attn_states, paged_attention, paged_attention_lse,
+                  reshape_and_cache, swap_blocks)
 
 _LAZY_SUBMODULES = ("engine", "integrations", "tuning", "knobs", "showcase")
 
 __all__ = [
     "ops", "reference", "HAS_CUDA_KERNELS", *_LAZY_SUBMODULES,
-    "reshape_and_cache", "paged_attention", "copy_blocks", "swap_blocks",
+    "reshape_and_cache", "paged_attention", "paged_attention_lse", "merge_attn_states",
+    "copy_blocks", "swap_blocks",
     "BlockManager", "BlockTable", "NoFreeBlocksError", "KVCache", "StepPlanner",
-    "AttentionMetadata", "PagedAttention", "write_and_attend",
+    "AttentionMetadata", "CascadeMetadata", "PagedAttention", "write_and_attend",
 ]
 
 

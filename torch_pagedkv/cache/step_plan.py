@@ -42,23 +42,104 @@ Padding tokens therefore need a spare row: ``num_tokens > T`` requires
 are padded). Size ``max_num_seqs`` to include that spare row.
 
 The returned tensors are overwritten by the next ``plan`` call.
+
+Cascade (shared-prefix) attention. A planner made with a ``CascadeRule`` also looks
+for groups of rows whose block tables start with the same physical blocks, shared
+below every member's first query row (so each member sees the whole shared prefix):
+at least ``rule.min_seqs`` rows sharing at least ``rule.min_shared_tokens`` tokens of
+full blocks. When it finds one, the metadata's ``cascade`` field (CascadeMetadata)
+says how to read each group's prefix once for all its rows (layers/attention.py);
+otherwise ``cascade`` is None and the step is plain. Its tensors have fixed shapes
+too (``max_num_seqs // rule.min_seqs + 1`` prefix entries), so a compiled model
+sees one cascade graph whatever the groups.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import numpy as np
 import torch
 
-from ..layers.metadata import AttentionMetadata
+from ..layers.metadata import AttentionMetadata, CascadeMetadata
 from .block_manager import BlockManager, BlockTable
 
-__all__ = ["StepPlanner", "StepRow"]
+__all__ = ["StepPlanner", "StepRow", "CascadeRule", "AUTO_CASCADE", "ALWAYS_CASCADE",
+           "find_prefix_groups"]
 
 Blocks = Union[BlockTable, Sequence[int], np.ndarray, Hashable]
 StepRow = Union[tuple[Blocks, int, int], tuple[Blocks, int, int, int]]
+
+
+@dataclass(frozen=True)
+class CascadeRule:
+    """When shared prefixes run as cascade attention: a group needs at least
+    ``min_seqs`` rows sharing at least ``min_shared_tokens`` tokens of full blocks."""
+
+    min_seqs: int
+    min_shared_tokens: int
+
+    def __post_init__(self) -> None:
+        if self.min_seqs < 2 or self.min_shared_tokens < 1:
+            raise ValueError(f"a cascade group needs min_seqs >= 2 and min_shared_tokens >= 1, "
+                             f"got {self.min_seqs} and {self.min_shared_tokens}")
+
+
+# LLM(enable_cascade=None). Measured on the 2-core AVX-512 dev machine, one decode
+# step of 32/8 heads, head 128, block 16, bf16 and fp32, 100-200 own tokens per row
+# (benchmarks/RESULTS.md, "Cascade attention", threshold sweep): PLACEHOLDER.
+AUTO_CASCADE = CascadeRule(min_seqs=8, min_shared_tokens=256)
+# LLM(enable_cascade=True): every group of 2+ rows sharing 1+ full blocks (tests).
+ALWAYS_CASCADE = CascadeRule(min_seqs=2, min_shared_tokens=1)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    """Length of the common prefix of a[:limit] and b[:limit]."""
+    if list(a[:limit]) == list(b[:limit]):
+        return limit
+    n = 0
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def find_prefix_groups(rows: Sequence[tuple[Sequence[int], int]], block_size: int,
+                       rule: CascadeRule) -> list[tuple[int, list[int]]]:
+    """Groups of rows that share their first blocks, as (shared blocks, row indices).
+
+    ``rows``: (block ids, full blocks below the row's first query) per row; only those
+    blocks may be shared (a member's queries must see the whole prefix). Rows are
+    bucketed by their first block; in a bucket, the member reaching furthest is the
+    reference, and the shared length L is the one saving the most prefix reads,
+    (members - 1) * L, among those meeting the rule. Members that share less are left
+    to form a group of their own, or stay plain. A row is in at most one group; groups
+    come in the order of their first row, each member list in row order.
+    """
+    min_blocks = -(-rule.min_shared_tokens // block_size)
+    buckets: dict[int, list[int]] = {}
+    for i, (ids, full) in enumerate(rows):
+        if full >= min_blocks:
+            buckets.setdefault(int(ids[0]), []).append(i)
+    groups = []
+    for members in buckets.values():
+        while len(members) >= rule.min_seqs:
+            ref = max(members, key=lambda i: rows[i][1])
+            ref_ids = rows[ref][0]
+            shared = {i: _common_prefix(ref_ids, rows[i][0], rows[i][1]) for i in members}
+            best, best_saving = 0, 0
+            for length in set(shared.values()):
+                count = sum(1 for n in shared.values() if n >= length)
+                if (length >= min_blocks and count >= rule.min_seqs
+                        and (count - 1) * length > best_saving):
+                    best, best_saving = length, (count - 1) * length
+            if not best:
+                break
+            groups.append((best, [i for i in members if shared[i] >= best]))
+            members = [i for i in members if shared[i] < best]
+    groups.sort(key=lambda g: g[1][0])
+    return groups
 
 
 class StepPlanner:
@@ -73,9 +154,11 @@ class StepPlanner:
         max_blocks_per_seq: int,
         device: torch.device | str = "cpu",
         pin_memory: bool = True,
+        cascade: Optional[CascadeRule] = None,
     ) -> None:
         """``block_manager``: the manager whose sequence ids rows may name, or just
-        the block size when rows carry their blocks themselves."""
+        the block size when rows carry their blocks themselves. ``cascade``: plan
+        shared-prefix groups by this rule (None: never)."""
         if min(max_num_seqs, max_num_tokens, max_blocks_per_seq) < 1:
             raise ValueError(
                 "max_num_seqs, max_num_tokens and max_blocks_per_seq must be >= 1, got "
@@ -110,6 +193,28 @@ class StepPlanner:
         )
         # numpy views share the host memory: element writes without tensor ops.
         self._slot, self._table, self._lens, self._qsl = (t.numpy() for t in self._host)
+        # Cascade buffers: query order and restore [tokens], prefix table / lens / qsl
+        # [entries], suffix table / lens / qsl [seqs]; entries = most groups + the rest.
+        self.cascade = cascade
+        self.max_prefix_entries = max_num_seqs // cascade.min_seqs + 1 if cascade else 0
+        if self.max_prefix_entries > 1:
+            e = self.max_prefix_entries
+            self._cascade_host = (
+                host(max_num_tokens, dtype=torch.int64),
+                host(max_num_tokens, dtype=torch.int64),
+                host(e, max_blocks_per_seq, dtype=torch.int32),
+                host(e, dtype=torch.int32),
+                host(e + 1, dtype=torch.int32),
+                host(max_num_seqs, max_blocks_per_seq, dtype=torch.int32),
+                host(max_num_seqs, dtype=torch.int32),
+                host(max_num_seqs + 1, dtype=torch.int32),
+            )
+            self._cascade_dev = (
+                tuple(torch.zeros_like(t, device=self.device) for t in self._cascade_host)
+                if on_device
+                else self._cascade_host
+            )
+            self._cascade_np = tuple(t.numpy() for t in self._cascade_host)
         max_len = max_blocks_per_seq * self.block_size
         self._positions = np.arange(max_len, dtype=np.int64)
         # The next plan must not overwrite host memory an in-flight copy reads.
@@ -225,8 +330,19 @@ class StepPlanner:
             table[num_seqs - 1, :pad_blocks] = 0
 
         sizes = (n_tokens, num_seqs, num_seqs, num_seqs + 1)
+        copies = list(zip(self._dev, self._host, sizes))
+        groups = []
+        if self.max_prefix_entries > 1:
+            groups = find_prefix_groups(
+                [(r[0], (r[3] - r[5]) // bs if r[5] else 0) for r in rows], bs, self.cascade)
+        if groups:
+            q_rows = q + pad_tokens
+            self._plan_cascade(groups, num_seqs, q_rows)
+            e = self.max_prefix_entries
+            cascade_sizes = (q_rows, q_rows, e, e, e + 1, num_seqs, num_seqs, num_seqs + 1)
+            copies += zip(self._cascade_dev, self._cascade_host, cascade_sizes)
         if self._dev is not self._host:
-            for dev, host, n in zip(self._dev, self._host, sizes):
+            for dev, host, n in copies:
                 dev[:n].copy_(host[:n], non_blocking=True)
             if self._copied is not None:
                 self._copied.record()
@@ -234,4 +350,45 @@ class StepPlanner:
         slot_mapping, block_table, seq_lens, qsl = (
             buf[:n] for buf, n in zip(self._dev, sizes)
         )
-        return AttentionMetadata(slot_mapping, block_table, seq_lens, qsl, t, n_seqs)
+        cascade = None
+        if groups:
+            cascade = CascadeMetadata(
+                *(buf[:n] for buf, n in zip(self._cascade_dev, cascade_sizes)),
+                num_groups=len(groups), shared_tokens=tuple(g[0] * bs for g in groups))
+        return AttentionMetadata(slot_mapping, block_table, seq_lens, qsl, t, n_seqs, cascade)
+
+    def _plan_cascade(self, groups: list[tuple[int, list[int]]], num_seqs: int,
+                      q_rows: int) -> None:
+        """Fills the cascade host buffers from the plain ones (already filled for this
+        step): sequence rows in cascade order (group members, then the rest), the query
+        rows that follow them, each group's prefix entry and every row's suffix."""
+        bs, width = self.block_size, self.max_blocks_per_seq
+        order, restore, p_table, p_lens, p_qsl, s_table, s_lens, s_qsl = self._cascade_np
+        members = [i for _, rows in groups for i in rows]
+        in_group = np.zeros(num_seqs, dtype=bool)
+        in_group[members] = True
+        seq_order = np.concatenate([np.asarray(members, dtype=np.int64),
+                                    np.flatnonzero(~in_group)])
+        starts = self._qsl[:num_seqs].astype(np.int64)
+        q_lens = (self._qsl[1:num_seqs + 1] - self._qsl[:num_seqs]).astype(np.int64)[seq_order]
+        new_starts = np.zeros(num_seqs + 1, dtype=np.int64)
+        np.cumsum(q_lens, out=new_starts[1:])
+        order[:q_rows] = (np.repeat(starts[seq_order] - new_starts[:-1], q_lens)
+                          + np.arange(q_rows, dtype=np.int64))
+        restore[order[:q_rows]] = np.arange(q_rows, dtype=np.int64)
+        s_table[:num_seqs] = self._table[seq_order]
+        s_lens[:num_seqs] = self._lens[seq_order]
+        s_qsl[:num_seqs + 1] = new_starts
+        r = 0
+        for g, (shared, rows) in enumerate(groups):
+            k = len(rows)
+            s_table[r:r + k, :width - shared] = self._table[rows, shared:]
+            s_lens[r:r + k] -= shared * bs
+            p_table[g, :shared] = self._table[rows[0], :shared]
+            p_lens[g] = shared * bs
+            p_qsl[g] = new_starts[r]
+            r += k
+        # Entry G holds every other row (no shared keys: out 0, lse -inf), later ones none.
+        p_lens[len(groups):] = 0
+        p_qsl[len(groups)] = new_starts[r]
+        p_qsl[len(groups) + 1:] = q_rows

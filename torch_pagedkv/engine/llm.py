@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ..cache.block_manager import BlockManager
 from ..cache.kv_cache import KVCache
+from ..cache.step_plan import ALWAYS_CASCADE, AUTO_CASCADE, CascadeRule
 from .model_runner import ModelRunner
 from .request import Request, RequestOutput, Sequence
 from .sampling import SamplingParams
@@ -43,6 +44,12 @@ def _model_device(model) -> torch.device:
     return torch.device("cpu")
 
 
+def _cascade_rule(enable_cascade: Optional[bool]) -> Optional[CascadeRule]:
+    if enable_cascade is None:
+        return AUTO_CASCADE
+    return ALWAYS_CASCADE if enable_cascade else None
+
+
 @dataclass
 class StepOutput:
     scheduled: SchedulerOutput
@@ -60,6 +67,10 @@ class LLM:
     chunked prefill also max_num_batched_tokens). compile=True runs the model under
     torch.compile(fullgraph=True, dynamic=True) with compile_backend ("inductor"; "eager"
     to check tracing cheaply); the graph is shared by every engine in the process.
+    enable_cascade: shared-prefix (cascade) attention for running sequences whose block
+    tables start with the same blocks. None: when the planner finds a group worth it
+    (cache/step_plan.py AUTO_CASCADE, measured); True: every group of 2+ sequences sharing
+    1+ full blocks; False: never.
     """
 
     def __init__(self, model, num_blocks: Optional[int] = None, *,
@@ -67,7 +78,8 @@ class LLM:
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
                  max_num_batched_tokens: int = 2048, max_num_seqs: int = 64,
                  max_model_len: Optional[int] = None, cache_dtype: Optional[torch.dtype] = None,
-                 compile: bool = True, compile_backend: str = "inductor") -> None:
+                 compile: bool = True, compile_backend: str = "inductor",
+                 enable_cascade: Optional[bool] = None) -> None:
         if _is_hf_model(model):
             from ..integrations.hf import as_paged_model
             model = as_paged_model(model)
@@ -94,7 +106,8 @@ class LLM:
                                   max_num_seqs=max_num_seqs,
                                   max_num_batched_tokens=max_num_batched_tokens,
                                   max_model_len=self.max_model_len, compile=compile,
-                                  compile_backend=compile_backend)
+                                  compile_backend=compile_backend,
+                                  cascade=_cascade_rule(enable_cascade))
         self.stats = EngineStats()
         self._next_request_id = 0
         self._next_seq_id = 0
@@ -158,6 +171,7 @@ class LLM:
             st.decode_time_s += now - t0
         st.num_preemptions += len(out.preempted)
         st.num_cow_copies += len(out.copies)
+        st.num_cascade_steps += self.runner.last_metadata.cascade is not None
         st.peak_blocks_used = max(st.peak_blocks_used, used)
         st.prefix_queries, st.prefix_hits = bm.stats.queries, bm.stats.hits
         return StepOutput(out, tokens, done, now - t0)

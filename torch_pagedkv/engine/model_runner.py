@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..cache.block_manager import BlockManager
 from ..cache.kv_cache import KVCache
-from ..cache.step_plan import StepPlanner
+from ..cache.step_plan import CascadeRule, StepPlanner
 from ..layers.metadata import AttentionMetadata
 from .sampling import sample
 from .scheduler import SchedulerOutput
@@ -81,7 +81,8 @@ class CompiledStep:
 class ModelRunner:
     def __init__(self, model, kv_cache: KVCache, block_manager: BlockManager, *,
                  max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 compile: bool = True, compile_backend: str = "inductor") -> None:
+                 compile: bool = True, compile_backend: str = "inductor",
+                 cascade: Optional[CascadeRule] = None) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.device = kv_cache.device
@@ -90,7 +91,8 @@ class ModelRunner:
         bs = block_manager.block_size
         self.planner = StepPlanner(block_manager, max_num_seqs=max(max_num_seqs + 1, MIN_SIZE),
                                    max_num_tokens=self.max_num_tokens,
-                                   max_blocks_per_seq=-(-max_model_len // bs), device=self.device)
+                                   max_blocks_per_seq=-(-max_model_len // bs), device=self.device,
+                                   cascade=cascade)
         pin = self.device.type == "cuda"
         self._host = {name: torch.zeros(n, dtype=torch.int64, pin_memory=pin) for name, n in
                       (("ids", self.max_num_tokens), ("pos", self.max_num_tokens),

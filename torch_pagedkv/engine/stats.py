@@ -13,6 +13,7 @@ class EngineStats:
     decode_time_s: float = 0.0  # wall time of decode-only steps
     num_preemptions: int = 0
     num_cow_copies: int = 0  # copy-on-write block copies (forks)
+    num_cascade_steps: int = 0  # steps whose attention read shared prefixes once (cascade)
     peak_blocks_used: int = 0  # most blocks referenced by live sequences at once
     prefix_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_hits: int = 0  # of which reused

@@ -8,6 +8,11 @@ attention, in this order:
 Decode, prefill, chunked prefill, prefill over a cached prefix and mixed batches are
 all the same call; the metadata alone says which is which. The PagedAttention module
 and every Hugging Face path (integrations/) call it, after their own reshapes.
+
+When the planner found sequences sharing a prefix (metadata.cascade), step 2 is
+cascade attention instead (cascade_attention below): each shared prefix is read once
+for all of its group's rows, then each sequence's own blocks, and the two partial
+results are merged. Sliding-window and ALiBi layers keep plain attention.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from .metadata import AttentionMetadata
+from .metadata import AttentionMetadata, CascadeMetadata
 
 
 def write_and_attend(query: Tensor, key: Tensor, value: Tensor,
@@ -32,9 +37,35 @@ def write_and_attend(query: Tensor, key: Tensor, value: Tensor,
     key_cache, value_cache = kv_cache_layer
     ops.reshape_and_cache(key, value, key_cache, value_cache, metadata.slot_mapping,
                           k_scale, v_scale)
+    # A window or ALiBi needs each key's distance to the row: no position-free prefix pass.
+    if metadata.cascade is not None and alibi_slopes is None and sliding_window <= 0:
+        return cascade_attention(query, key_cache, value_cache, metadata.cascade, scale=scale,
+                                 softcap=softcap, k_scale=k_scale, v_scale=v_scale)
     return ops.paged_attention(query, key_cache, value_cache, metadata.block_table,
                                metadata.seq_lens, metadata.query_start_loc, scale,
                                alibi_slopes, sliding_window, softcap, k_scale, v_scale)
+
+
+def cascade_attention(query: Tensor, key_cache: Tensor, value_cache: Tensor,
+                      cascade: CascadeMetadata, *, scale: float, softcap: float = 0.0,
+                      k_scale: Optional[Tensor] = None,
+                      v_scale: Optional[Tensor] = None) -> Tensor:
+    """Causal attention of query [Q, num_heads, head_size] over the cache, equal to
+    paged_attention over the whole sequences, with each group's shared prefix read once:
+    a prefix pass (causal=False, one "sequence" per group holding all of its members'
+    rows), a suffix pass (causal, each sequence's own blocks) and a merge by lse. Both
+    passes run in cascade order (group members' rows contiguous); the result is put
+    back in query order."""
+    q = query.index_select(0, cascade.query_order)
+    out_p, lse_p = ops.paged_attention_lse(
+        q, key_cache, value_cache, cascade.prefix_block_table, cascade.prefix_seq_lens,
+        cascade.prefix_query_start_loc, scale, None, -1, softcap, k_scale, v_scale,
+        causal=False)
+    out_s, lse_s = ops.paged_attention_lse(
+        q, key_cache, value_cache, cascade.suffix_block_table, cascade.suffix_seq_lens,
+        cascade.suffix_query_start_loc, scale, None, -1, softcap, k_scale, v_scale)
+    out, _ = ops.merge_attn_states(out_p, lse_p, out_s, lse_s)
+    return out.index_select(0, cascade.query_restore)
 
 
 class PagedAttention(nn.Module):
