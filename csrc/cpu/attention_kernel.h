@@ -270,8 +270,70 @@ inline void for_vector_groups(int nv, F&& f) {
 // Per-thread buffers, grown once and reused by every work item the thread runs.
 struct Scratch {
   std::vector<float> f32;      // queries, accumulators, scores, running max and sum
-  std::vector<uint16_t> bf16;  // bf16 queries for vdpbf16ps
+  std::vector<uint16_t> bf16;  // bf16 queries for vdpbf16ps (and packed values, prefix tile)
+  std::vector<uint32_t> u32;   // packed key and probability pairs (prefix tile)
 };
+
+// One block of keys [t0, t1) for NV query vectors whose scores (already scaled) are in s
+// [NV][SP]: softcap, ALiBi and the causal / window mask, then the online-softmax update:
+// s becomes the probabilities (0 past the block's keys), m and l the running max and sum,
+// and each accumulator row of acc [NV][DP] is rescaled to the new max.
+template <typename RowOf, typename HeadOf>
+inline void softmax_block(const AttnArgs& a, float* s, int64_t SP, int NV, int64_t t0,
+                          int64_t t1, int64_t base_pos, float* m, float* l, float* acc,
+                          int64_t DP, RowOf row_of, HeadOf head_of) {
+  const int n = int(t1 - t0);
+  const int64_t W = a.sliding_window;
+  const Vec neg_inf(-std::numeric_limits<float>::infinity());
+  for (int v = 0; v < NV; ++v) {
+    float* sv = s + v * SP;
+    const int64_t p = base_pos + row_of(v);
+    if (a.softcap > 0.f) {
+      for (int j = 0; j < n; ++j) sv[j] = a.softcap * std::tanh(sv[j] / a.softcap);
+    }
+    if (a.alibi_slopes != nullptr) {
+      const float slope = a.alibi_slopes[head_of(v)];
+      for (int j = 0; j < n; ++j) sv[j] += slope * float(t0 + j - p);
+    }
+    // Causal and window mask; whole-block fast path when every key is visible.
+    if (a.causal && (t1 - 1 > p || (W > 0 && t0 <= p - W))) {
+      for (int j = 0; j < n; ++j) {
+        const int64_t k = t0 + j;
+        if (k > p || (W > 0 && k <= p - W)) sv[j] = -std::numeric_limits<float>::infinity();
+      }
+    }
+    for (int j = n; j < SP; ++j) sv[j] = -std::numeric_limits<float>::infinity();
+
+    Vec vmax = neg_inf;
+    for (int64_t j = 0; j < SP; j += kVec) vmax = at::vec::maximum(vmax, Vec::loadu(sv + j));
+    float bmax = -std::numeric_limits<float>::infinity();
+    {
+      float t[kVec];
+      vmax.store(t);
+      for (int i = 0; i < kVec; ++i) bmax = std::max(bmax, t[i]);
+    }
+    if (bmax == -std::numeric_limits<float>::infinity()) {
+      std::fill(sv, sv + SP, 0.f);  // nothing visible in this block for this row
+      continue;
+    }
+    const float m_new = std::max(m[v], bmax);
+    const float alpha = std::exp(m[v] - m_new);  // 0 on the first visible block
+    const Vec mv(m_new);
+    Vec sum(0.f);
+    for (int64_t j = 0; j < SP; j += kVec) {
+      const Vec x = Vec::loadu(sv + j);
+      const Vec e = Vec::blendv((x - mv).exp_u20(), Vec(0.f), x == neg_inf);
+      e.store(sv + j);
+      sum = sum + e;
+    }
+    l[v] = l[v] * alpha + hsum(sum);
+    m[v] = m_new;
+    if (alpha != 1.f) {
+      const Vec av(alpha);
+      for (int64_t d = 0; d < DP; d += kVec) (Vec::loadu(acc + v * DP + d) * av).store(acc + v * DP + d);
+    }
+  }
+}
 
 // Normalized outputs (and lse when asked) of the NV query vectors of a work item. A row
 // that saw no key (l = 0: only with causal=False over an empty sequence) gets 0 and -inf.
@@ -349,7 +411,6 @@ void attention_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it, Scratc
   const int64_t k_end = a.causal ? p_last + 1 : seq_len;
   const int32_t* table = a.block_table + it.seq * a.block_table_stride;
   const Loader<cache_t> load;
-  const Vec neg_inf(-std::numeric_limits<float>::infinity());
   const int64_t stride = a.cache_stride_tok;
   auto rows_at = [&](const cache_t* cache, int64_t b, int64_t t) {  // token t of logical block b
     return cache + (int64_t(table[b]) * BS + (t - b * BS)) * stride + int64_t(it.kv_head_begin) * D;
@@ -406,54 +467,7 @@ void attention_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it, Scratc
       prefetch_rows(next_v + n * stride, stride, nn - n, nkv * D);
     }
 
-    for (int v = 0; v < NV; ++v) {
-      float* sv = s + v * SP;
-      const int64_t p = base_pos + row_of(v);
-      if (a.softcap > 0.f) {
-        for (int j = 0; j < n; ++j) sv[j] = a.softcap * std::tanh(sv[j] / a.softcap);
-      }
-      if (a.alibi_slopes != nullptr) {
-        const float slope = a.alibi_slopes[head_of(v)];
-        for (int j = 0; j < n; ++j) sv[j] += slope * float(t0 + j - p);
-      }
-      // Causal and window mask; whole-block fast path when every key is visible.
-      if (a.causal && (t1 - 1 > p || (W > 0 && t0 <= p - W))) {
-        for (int j = 0; j < n; ++j) {
-          const int64_t k = t0 + j;
-          if (k > p || (W > 0 && k <= p - W)) sv[j] = -std::numeric_limits<float>::infinity();
-        }
-      }
-      for (int j = n; j < SP; ++j) sv[j] = -std::numeric_limits<float>::infinity();
-
-      Vec vmax = neg_inf;
-      for (int64_t j = 0; j < SP; j += kVec) vmax = at::vec::maximum(vmax, Vec::loadu(sv + j));
-      float bmax = -std::numeric_limits<float>::infinity();
-      {
-        float t[kVec];
-        vmax.store(t);
-        for (int i = 0; i < kVec; ++i) bmax = std::max(bmax, t[i]);
-      }
-      if (bmax == -std::numeric_limits<float>::infinity()) {
-        std::fill(sv, sv + SP, 0.f);  // nothing visible in this block for this row
-        continue;
-      }
-      const float m_new = std::max(m[v], bmax);
-      const float alpha = std::exp(m[v] - m_new);  // 0 on the first visible block
-      const Vec mv(m_new);
-      Vec sum(0.f);
-      for (int64_t j = 0; j < SP; j += kVec) {
-        const Vec x = Vec::loadu(sv + j);
-        const Vec e = Vec::blendv((x - mv).exp_u20(), Vec(0.f), x == neg_inf);
-        e.store(sv + j);
-        sum = sum + e;
-      }
-      l[v] = l[v] * alpha + hsum(sum);
-      m[v] = m_new;
-      if (alpha != 1.f) {
-        const Vec av(alpha);
-        for (int64_t d = 0; d < DP; d += kVec) (Vec::loadu(acc + v * DP + d) * av).store(acc + v * DP + d);
-      }
-    }
+    softmax_block(a, s, SP, NV, t0, t1, base_pos, m, l, acc, DP, row_of, head_of);
 
     for (int j = 0; j < n; j += kPvTokens) {
       const int nj = std::min(kPvTokens, n - j);
@@ -471,14 +485,24 @@ void attention_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it, Scratc
   write_rows(a, q0, NV, D, DP, acc, m, l, row_of, head_of);
 }
 
+// The prefix pass's matrix-style tile (attention_prefix.h, included at the end).
+inline bool is_prefix_tile(const AttnArgs& a, const WorkItem& it);
+template <typename q_t, typename cache_t, int HEAD, int BLOCK>
+void attention_prefix_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it,
+                           Scratch& scratch);
+
 template <typename q_t, typename cache_t, int HEAD, int BLOCK>
 void attention_cpu(const TypedArgs<q_t, cache_t>& a, const std::vector<WorkItem>& items) {
   std::atomic<int64_t> next{0};
   const int64_t n = int64_t(items.size());
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     Scratch scratch;
-    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1))
-      attention_item<q_t, cache_t, HEAD, BLOCK>(a, items[i], scratch);
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) {
+      if (is_prefix_tile(a, items[i]))
+        attention_prefix_item<q_t, cache_t, HEAD, BLOCK>(a, items[i], scratch);
+      else
+        attention_item<q_t, cache_t, HEAD, BLOCK>(a, items[i], scratch);
+    }
   });
 }
 
@@ -493,3 +517,5 @@ void attention_same_dtype(const AttnArgs& raw, const std::vector<WorkItem>& item
 }
 
 }  // namespace pagedkv::cpu
+
+#include "cpu/attention_prefix.h"
