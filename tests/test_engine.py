@@ -200,8 +200,8 @@ def test_cascade_on_and_off_give_identical_tokens(model, reference, cache_dtype)
 
 
 def test_cascade_default_waits_for_a_worthwhile_group(model):
-    """enable_cascade=None plans cascade only for a group meeting AUTO_CASCADE; 3 families
-    sharing 4 blocks of 8 tokens never do, 12 prompts sharing 40 blocks do."""
+    """enable_cascade=None plans cascade only for a group meeting AUTO_CASCADE: 3 families
+    sharing 4 blocks of 8 tokens never do; enough prompts sharing enough blocks do."""
     from torch_pagedkv.cache.step_plan import AUTO_CASCADE
     small = engine(model)
     small.generate(PROMPTS, GREEDY, use_tqdm=False)

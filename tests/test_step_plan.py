@@ -3,6 +3,7 @@ definition in docs/design.md §2 and, end to end, against dense causal attention
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -255,3 +256,64 @@ def test_cuda_target_uses_pinned_host_buffers_and_device_views():
         meta = planner.plan(steps, num_tokens=16, num_seqs=4)
         assert meta.slot_mapping.device.type == "cuda"
         assert_matches(meta, bm, steps)
+
+
+# ------------------------------------------------------------------ cascade groups
+
+def test_prefix_groups_share_blocks_below_every_members_first_query():
+    from torch_pagedkv.cache.step_plan import CascadeRule, find_prefix_groups
+    table = np.array([
+        [7, 8, 9, 1, 0],   # 0: family A, 3 blocks before its query
+        [3, 4, 5, 6, 0],   # 1: family B
+        [7, 8, 9, 2, 0],   # 2: A
+        [7, 8, 5, 5, 0],   # 3: A's first two blocks, then its own
+        [3, 4, 5, 6, 11],  # 4: B, 4 blocks before its query
+        [7, 8, 9, 9, 9],   # 5: A, but its queries start in block 2
+        [3, 0, 0, 0, 0],   # 6: no query rows
+        [9, 9, 9, 9, 9],   # 7: alone
+    ])
+    full = np.array([3, 3, 3, 4, 4, 2, 0, 4])
+    rule = CascadeRule(min_seqs=2, min_shared_tokens=1)
+    # A: all four share blocks 7, 8 (saving (4 - 1) * 2 reads beats (2 - 1) * 3 for rows
+    # 0 and 2 alone); B: rows 1 and 4 share 3 blocks (row 1's queries start after them).
+    assert find_prefix_groups(table, full, 4, rule) == [(2, [0, 2, 3, 5]), (3, [1, 4])]
+    # Needing 3 members keeps A; needing 12 tokens (3 blocks of 4) keeps B, then rows 0
+    # and 2, which the 2-block group would have taken.
+    assert find_prefix_groups(table, full, 4, CascadeRule(3, 1)) == [(2, [0, 2, 3, 5])]
+    assert find_prefix_groups(table, full, 4, CascadeRule(2, 12)) == [(3, [0, 2]), (3, [1, 4])]
+    assert find_prefix_groups(table, full, 4, CascadeRule(2, 20)) == []
+
+
+def test_cascade_plan_orders_rows_and_keeps_shapes():
+    """Group members' query rows first (in cascade order), prefix entries of fixed count,
+    suffixes that skip the shared blocks; no cascade below the rule."""
+    from torch_pagedkv.cache.step_plan import ALWAYS_CASCADE
+    prefix = [40, 41]
+    rows = [(prefix + [1, 2], 9, 1),       # member, decode at position 9
+            ([50, 51, 52], 10, 2),        # loner, 2 query rows
+            (prefix + [3], 8, 3),         # member, a 3-token chunk from position 8
+            ([60], 1, 1)]                 # loner
+    planner = StepPlanner(4, max_num_seqs=6, max_num_tokens=16, max_blocks_per_seq=5,
+                          cascade=ALWAYS_CASCADE)
+    meta = planner.plan(rows, num_tokens=10, num_seqs=5)  # 3 padding tokens, a spare row
+    c = meta.cascade
+    assert c is not None and c.num_groups == 1 and c.shared_tokens == (8,)
+    # Query rows: seq 0 -> [0], seq 1 -> [1, 2], seq 2 -> [3, 4, 5], seq 3 -> [6], pad [7, 9]
+    assert c.query_order.tolist() == [0, 3, 4, 5, 1, 2, 6, 7, 8, 9]
+    assert c.query_order[c.query_restore].tolist() == list(range(10))
+    assert c.prefix_block_table.shape == (6 // 2 + 1, 5)  # fixed: most groups + the rest
+    assert c.prefix_block_table[0, :2].tolist() == prefix
+    assert c.prefix_seq_lens.tolist() == [8, 0, 0, 0]
+    assert c.prefix_query_start_loc.tolist() == [0, 4, 10, 10, 10]
+    # Suffixes in cascade order: seq 0 and seq 2 less their 8 shared tokens, then seq 1,
+    # seq 3 and the spare row holding the 3 padding queries.
+    assert c.suffix_seq_lens.tolist() == [10 - 8, 11 - 8, 12, 2, 3]
+    assert c.suffix_block_table[0, :1].tolist() == [1]
+    assert c.suffix_block_table[1, :1].tolist() == [3]
+    assert c.suffix_query_start_loc.tolist() == [0, 1, 4, 6, 7, 10]
+    # The same step without a group: no cascade.
+    alone = [(prefix + [1, 2], 9, 1), ([50, 51, 52], 10, 2)]
+    assert planner.plan(alone).cascade is None
+    # A member whose queries start inside the shared blocks sees only part of them.
+    early = [(prefix + [1], 9, 1), (prefix + [3], 3, 1)]
+    assert planner.plan(early).cascade is None

@@ -87,57 +87,63 @@ class CascadeRule:
                              f"got {self.min_seqs} and {self.min_shared_tokens}")
 
 
-# LLM(enable_cascade=None). Measured on the 2-core AVX-512 dev machine, one decode
-# step of 32/8 heads, head 128, block 16, bf16 and fp32, 100-200 own tokens per row
-# (benchmarks/RESULTS.md, "Cascade attention", threshold sweep): PLACEHOLDER.
-AUTO_CASCADE = CascadeRule(min_seqs=8, min_shared_tokens=256)
+# LLM(enable_cascade=None): where cascade starts to pay on the 2-core AVX-512 dev
+# machine. Measured (benchmarks/RESULTS.md, "Cascade attention", threshold sweep: one
+# decode step of N sequences sharing P tokens, 100-200 own tokens each, 32/8 heads,
+# head 128, block 16, 2 threads): with N >= 16 and P >= 256 cascade is 1.09-1.45x faster
+# in bf16 and 1.00-1.25x in fp32; with N = 8 it is 0.86-0.99x (bf16) at any P <= 1024,
+# and with P <= 128 it loses at any N (0.82-1.03x): the fixed costs of two passes, two
+# row gathers and the merge outweigh the prefix re-reads the plain kernel finds in L3.
+# vLLM's GPU rule is 8 requests / 256 tokens; on this CPU it takes 16.
+AUTO_CASCADE = CascadeRule(min_seqs=16, min_shared_tokens=256)
 # LLM(enable_cascade=True): every group of 2+ rows sharing 1+ full blocks (tests).
 ALWAYS_CASCADE = CascadeRule(min_seqs=2, min_shared_tokens=1)
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
-    """Length of the common prefix of a[:limit] and b[:limit]."""
-    if list(a[:limit]) == list(b[:limit]):
-        return limit
-    n = 0
-    while n < limit and a[n] == b[n]:
-        n += 1
-    return n
-
-
-def find_prefix_groups(rows: Sequence[tuple[Sequence[int], int]], block_size: int,
+def find_prefix_groups(table: np.ndarray, full: np.ndarray, block_size: int,
                        rule: CascadeRule) -> list[tuple[int, list[int]]]:
     """Groups of rows that share their first blocks, as (shared blocks, row indices).
 
-    ``rows``: (block ids, full blocks below the row's first query) per row; only those
-    blocks may be shared (a member's queries must see the whole prefix). Rows are
-    bucketed by their first block; in a bucket, the member reaching furthest is the
-    reference, and the shared length L is the one saving the most prefix reads,
-    (members - 1) * L, among those meeting the rule. Members that share less are left
-    to form a group of their own, or stay plain. A row is in at most one group; groups
-    come in the order of their first row, each member list in row order.
+    ``table[i]``: row i's block ids; ``full[i]``: how many of them lie wholly below the
+    row's first query (0 for a row without queries). Only those may be shared: every
+    member's queries must see the whole prefix. Rows are bucketed by their first block;
+    in a bucket, the member reaching furthest is the reference, and the shared length L
+    is the one saving the most prefix reads, (members - 1) * L, among those meeting the
+    rule (a reference that forms no group is set aside). Members that share less are
+    left to form a group of their own, or stay plain.
+    A row is in at most one group; groups come in the order of their first row, each
+    member list in row order.
     """
     min_blocks = -(-rule.min_shared_tokens // block_size)
-    buckets: dict[int, list[int]] = {}
-    for i, (ids, full) in enumerate(rows):
-        if full >= min_blocks:
-            buckets.setdefault(int(ids[0]), []).append(i)
+    rows = np.flatnonzero(full >= min_blocks)
+    if len(rows) < rule.min_seqs:
+        return []
+    firsts = table[rows, 0]
+    if (firsts == firsts[0]).all():  # the common case: one bucket
+        buckets = [rows]
+    else:
+        _, bucket, counts = np.unique(firsts, return_inverse=True, return_counts=True)
+        buckets = [rows[bucket == b] for b in np.flatnonzero(counts >= rule.min_seqs)]
     groups = []
-    for members in buckets.values():
+    for members in buckets:
         while len(members) >= rule.min_seqs:
-            ref = max(members, key=lambda i: rows[i][1])
-            ref_ids = rows[ref][0]
-            shared = {i: _common_prefix(ref_ids, rows[i][0], rows[i][1]) for i in members}
+            reach = full[members]
+            ref = members[np.argmax(reach)]
+            limit = int(reach.max())
+            differ = table[members, :limit] != table[ref, :limit]
+            first_diff = np.where(differ.any(axis=1), differ.argmax(axis=1), limit)
+            shared = np.minimum(first_diff, reach)
             best, best_saving = 0, 0
-            for length in set(shared.values()):
-                count = sum(1 for n in shared.values() if n >= length)
+            for count, length in enumerate(sorted(shared.tolist(), reverse=True), start=1):
+                # count rows share at least length blocks (ties: the last one counts all)
                 if (length >= min_blocks and count >= rule.min_seqs
                         and (count - 1) * length > best_saving):
                     best, best_saving = length, (count - 1) * length
-            if not best:
-                break
-            groups.append((best, [i for i in members if shared[i] >= best]))
-            members = [i for i in members if shared[i] < best]
+            if not best:  # the reference shares too little: try without it
+                members = members[members != ref]
+                continue
+            groups.append((best, members[shared >= best].tolist()))
+            members = members[shared < best]
     groups.sort(key=lambda g: g[1][0])
     return groups
 
@@ -332,9 +338,10 @@ class StepPlanner:
         sizes = (n_tokens, num_seqs, num_seqs, num_seqs + 1)
         copies = list(zip(self._dev, self._host, sizes))
         groups = []
-        if self.max_prefix_entries > 1:
-            groups = find_prefix_groups(
-                [(r[0], (r[3] - r[5]) // bs if r[5] else 0) for r in rows], bs, self.cascade)
+        if self.max_prefix_entries > 1 and n_seqs >= self.cascade.min_seqs:
+            full = np.fromiter(((r[3] - r[5]) // bs if r[5] else 0 for r in rows),
+                               dtype=np.int64, count=n_seqs)
+            groups = find_prefix_groups(table[:n_seqs], full, bs, self.cascade)
         if groups:
             q_rows = q + pad_tokens
             self._plan_cascade(groups, num_seqs, q_rows)
