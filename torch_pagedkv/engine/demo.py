@@ -2,10 +2,12 @@
 
 A customer-support chatbot: 64 concurrent conversations share a 500-token system
 prompt, each followed by a 50-200-token user turn. The same prompts go through the
-engine twice, without and with prefix caching, on the same compiled model; the
-demo prints what the engine measured: prompt tokens computed, prefill wall time,
-KV blocks needed to hold the 64 prompts, prefix-cache hit rate, and checks that
-both runs produced the same tokens.
+engine three times on the same compiled model: without prefix caching, with it, and
+with it plus cascade attention (the shared prompt's K/V read once per step for all
+64 conversations instead of once each). The demo prints what the engine measured:
+prompt tokens computed, prefill and decode wall time and throughput, KV blocks
+needed to hold the 64 prompts, prefix-cache hit rate, cascade steps, and checks
+that all runs produced the same tokens.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ def build_workload(conversations: int, system_tokens: int, user_min: int, user_m
             for _ in range(conversations)]
 
 
-def _summarize(llm: LLM, reqs, prompts, block_size: int) -> dict:
+def _summarize(llm: LLM, reqs, prompts, block_size: int, decode: list[float]) -> dict:
     st = llm.stats
     outs = [RequestOutput.of(r) for r in reqs]
     # Blocks to hold every prompt at once: each conversation's prompt blocks, minus the
@@ -48,7 +50,11 @@ def _summarize(llm: LLM, reqs, prompts, block_size: int) -> dict:
         "prefill_tokens": st.num_prefill_tokens,
         "prefill_time_s": st.prefill_time_s,
         "decode_time_s": st.decode_time_s,
+        # Decode phase: the steps that computed no prompt token (tokens, seconds).
+        "decode_tokens": int(decode[0]),
+        "decode_tok_s": decode[0] / decode[1] if decode[1] else 0.0,
         "steps": st.num_steps,
+        "cascade_steps": st.num_cascade_steps,
         "kv_blocks": kv_blocks,
         "kv_bytes": kv_blocks * llm.kv_cache.block_bytes,
         "peak_blocks_in_use": st.peak_blocks_used,
@@ -60,36 +66,69 @@ def _summarize(llm: LLM, reqs, prompts, block_size: int) -> dict:
     }
 
 
-def run_in_turns(model, prompts, params, args) -> tuple[dict, list[dict]]:
-    """Run the workload without and with prefix caching, one engine step each in turn.
+# The demo's runs: (name, LLM options). The first takes longest and runs once; the
+# others are repeated on fresh engines until it is done (see run_variants_in_turns).
+VARIANTS = (
+    ("no prefix cache", dict(enable_prefix_caching=False, enable_cascade=False)),
+    ("prefix cache", dict(enable_prefix_caching=True, enable_cascade=False)),
+    ("prefix cache + cascade", dict(enable_prefix_caching=True, enable_cascade=None)),
+)
 
-    A shared machine's speed drifts by 2x within minutes; stepping both engines
-    alternately makes the drift hit both alike. The prefix-cached run finishes first,
-    so it is repeated on a fresh engine (an empty prefix cache) until the uncached one
-    is done; every completed repeat is kept.
+
+def run_variants_in_turns(model, prompts, params, args,
+                          variants=VARIANTS) -> dict[str, list[dict]]:
+    """Run the workload on one engine per variant, one engine step each in turn.
+
+    A shared machine's speed drifts by 2x within minutes; stepping the engines
+    alternately makes the drift hit all alike. The first variant (the slowest) runs
+    once; every other one that finishes before it is repeated on a fresh engine (an
+    empty prefix cache) until it is done, and every completed run is kept.
     """
-    def start(prefix_caching: bool):
+    def start(options):
         llm = LLM(model, num_blocks=args.num_blocks, block_size=args.block_size,
-                  enable_prefix_caching=prefix_caching,
                   max_num_batched_tokens=args.max_batched_tokens, max_num_seqs=len(prompts),
-                  compile=not args.no_compile)
-        return llm, [llm.add_request(p, params) for p in prompts]
+                  compile=not args.no_compile, **options)
+        return [llm, [llm.add_request(p, params) for p in prompts], [0.0, 0.0]]
 
-    off, off_reqs = start(False)
-    on, on_reqs = start(True)
-    on_done: list[dict] = []
-    with tqdm(total=len(prompts), desc="requests (no prefix cache)", unit="req",
+    runs = {name: [start(options)] for name, options in variants}
+    done: dict[str, list[dict]] = {name: [] for name, _ in variants}
+    first = variants[0][0]
+    with tqdm(total=len(prompts), desc=f"requests ({first})", unit="req",
               disable=args.quiet, dynamic_ncols=True) as bar:
-        while off.has_unfinished() or not on_done:
-            if off.has_unfinished():
-                bar.update(len(off.step().finished))
-            on.step()
-            if not on.has_unfinished():
-                on_done.append(_summarize(on, on_reqs, prompts, args.block_size))
-                bar.set_postfix_str(f"prefix-cached runs done: {len(on_done)}")
-                if off.has_unfinished():
-                    on, on_reqs = start(True)
-    return _summarize(off, off_reqs, prompts, args.block_size), on_done
+        while runs[first][-1][0].has_unfinished() or not all(done.values()):
+            for name, options in variants:
+                llm, reqs, decode = runs[name][-1]
+                if not llm.has_unfinished():
+                    continue
+                step = llm.step()
+                if step.scheduled.scheduled and not step.scheduled.num_prefill_tokens:
+                    decode[0] += step.scheduled.num_decode_tokens
+                    decode[1] += step.seconds
+                if name == first:
+                    bar.update(len(step.finished))
+                if not llm.has_unfinished():
+                    done[name].append(_summarize(llm, reqs, prompts, args.block_size, decode))
+                    if name != first and runs[first][-1][0].has_unfinished():
+                        runs[name].append(start(options))
+            bar.set_postfix_str("repeats done: " + ", ".join(
+                f"{len(v)}" for k, v in done.items() if k != first))
+    return done
+
+
+def run_in_turns(model, prompts, params, args) -> tuple[dict, list[dict]]:
+    """Without and with prefix caching (cascade by the engine's default), in turns: the
+    uncached run and every prefix-cached run (see run_variants_in_turns)."""
+    done = run_variants_in_turns(model, prompts, params, args, variants=(
+        ("off", dict(enable_prefix_caching=False)), ("on", dict(enable_prefix_caching=True))))
+    return done["off"][0], done["on"]
+
+
+def _mean_runs(runs: list[dict]) -> dict:
+    """The first run's counts with the mean of every run's timings."""
+    out = dict(runs[0])
+    for key in ("prefill_time_s", "decode_time_s", "decode_tok_s"):
+        out[key] = sum(r[key] for r in runs) / len(runs)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,60 +167,73 @@ def main(argv: list[str] | None = None) -> int:
           f" {n_params / 1e6:.1f}M params, float32 on {next(model.parameters()).device}; "
           f"KV blocks of {args.block_size} tokens")
 
-    # Compile once (the graph is shared by both engines), outside the timed runs.
+    # Compile once (the graphs are shared by every engine), outside the timed runs: the
+    # plain step's graph and, with two prompts sharing the system prompt's first blocks,
+    # the cascade step's.
     t0 = time.perf_counter()
     warm = LLM(model, num_blocks=64, block_size=args.block_size,
-               max_num_batched_tokens=args.max_batched_tokens, compile=not args.no_compile)
-    warm.generate([prompts[0][:40], prompts[1][-7:]], SamplingParams(max_tokens=3),
-                  use_tqdm=False)
+               max_num_batched_tokens=args.max_batched_tokens, compile=not args.no_compile,
+               enable_cascade=True)
+    warm.generate([prompts[0][:40], prompts[1][:41], prompts[2][-7:]],
+                  SamplingParams(max_tokens=3), use_tqdm=False)
     what = "compile + warm-up" if not args.no_compile else "warm-up"
     print(f"{what}: {time.perf_counter() - t0:.1f} s ({warm.num_compiled_graphs} graph(s) compiled)")
 
-    off, on_runs = run_in_turns(model, prompts, params, args)
-    on = dict(on_runs[0])
-    for key in ("prefill_time_s", "decode_time_s"):
-        on[key] = sum(r[key] for r in on_runs) / len(on_runs)
+    done = run_variants_in_turns(model, prompts, params, args)
+    names = [name for name, _ in VARIANTS]
+    res = {name: _mean_runs(done[name]) for name in names}
+    off, on, cas = (res[n] for n in names)
 
     mib = 2 ** 20
-    rows = [
-        ("prompt tokens computed", f"{off['prefill_tokens']:,}", f"{on['prefill_tokens']:,}"),
-        ("prefill wall time", f"{off['prefill_time_s']:.2f} s", f"{on['prefill_time_s']:.2f} s"),
-        ("prefill throughput", f"{off['prefill_tokens'] / off['prefill_time_s']:,.0f} tok/s",
-         f"{on['prefill_tokens'] / on['prefill_time_s']:,.0f} tok/s"),
-        (f"KV blocks for the {len(prompts)} prompts", f"{off['kv_blocks']:,}", f"{on['kv_blocks']:,}"),
-        ("KV memory for the prompts", f"{off['kv_bytes'] / mib:.1f} MiB",
-         f"{on['kv_bytes'] / mib:.1f} MiB"),
-        ("prefix-cache hit rate", f"{off['hit_rate']:.1%}", f"{on['hit_rate']:.1%}"),
-        ("cached prompt tokens", f"{off['cached_prompt_tokens']:,}",
-         f"{on['cached_prompt_tokens']:,}"),
-        ("engine steps", f"{off['steps']}", f"{on['steps']}"),
+    rows = [("prompt tokens computed", "{:,}", "prefill_tokens"),
+            ("prefill wall time", "{:.2f} s", "prefill_time_s")]
+    table = [(name, [fmt.format(r[key]) for r in res.values()]) for name, fmt, key in rows]
+    table += [
+        ("prefill throughput",
+         [f"{r['prefill_tokens'] / r['prefill_time_s']:,.0f} tok/s" for r in res.values()]),
+        ("decode throughput (decode-only steps)",
+         [f"{r['decode_tok_s']:,.0f} tok/s" for r in res.values()]),
+        (f"KV blocks for the {len(prompts)} prompts", [f"{r['kv_blocks']:,}" for r in res.values()]),
+        ("KV memory for the prompts", [f"{r['kv_bytes'] / mib:.1f} MiB" for r in res.values()]),
+        ("prefix-cache hit rate", [f"{r['hit_rate']:.1%}" for r in res.values()]),
+        ("cached prompt tokens", [f"{r['cached_prompt_tokens']:,}" for r in res.values()]),
+        ("engine steps", [f"{r['steps']}" for r in res.values()]),
+        ("steps with cascade attention", [f"{r['cascade_steps']}" for r in res.values()]),
     ]
-    w0 = max(len(r[0]) for r in rows)
+    w0 = max(len(r[0]) for r in table)
+    w = max(18, max(len(n) for n in names))
     print()
-    print(f"{'':{w0}}  {'no prefix cache':>18}  {'prefix cache':>18}")
-    print(f"{'(engines stepped in turns)':{w0}}  {'1 run':>18}  "
-          f"{f'mean of {len(on_runs)} runs':>18}")
-    for name, a, b in rows:
-        print(f"{name:{w0}}  {a:>18}  {b:>18}")
+    print(f"{'':{w0}}  " + "  ".join(f"{n:>{w}}" for n in names))
+    print(f"{'(engines stepped in turns)':{w0}}  " + "  ".join(
+        f"{('1 run' if len(done[n]) == 1 else f'mean of {len(done[n])} runs'):>{w}}"
+        for n in names))
+    for name, cells in table:
+        print(f"{name:{w0}}  " + "  ".join(f"{c:>{w}}" for c in cells))
 
     speedup = off["prefill_time_s"] / on["prefill_time_s"]
     token_ratio = off["prefill_tokens"] / on["prefill_tokens"]
     saved = 1 - on["kv_blocks"] / off["kv_blocks"]
-    same = all(off["tokens"] == r["tokens"] for r in on_runs)
+    decode_speedup = cas["decode_tok_s"] / on["decode_tok_s"] if on["decode_tok_s"] else 0.0
+    same = all(r["tokens"] == off["tokens"] for n in names for r in done[n])
     print()
     print(f"prefill speedup: {speedup:.2f}x (token-count bound {token_ratio:.2f}x)")
     print(f"KV blocks saved: {off['kv_blocks'] - on['kv_blocks']:,} of {off['kv_blocks']:,} "
           f"({saved:.1%}), {(off['kv_bytes'] - on['kv_bytes']) / mib:.1f} MiB")
-    print(f"greedy outputs identical with and without prefix caching: {'yes' if same else 'NO'}")
+    print(f"decode throughput with cascade attention: {decode_speedup:.2f}x the prefix-cached "
+          f"engine's ({cas['cascade_steps']} of {cas['steps']} steps ran cascade)")
+    print(f"greedy outputs identical in all runs: {'yes' if same else 'NO'}")
     total = time.perf_counter() - t_start
     print(f"summary: prefix caching computed {on['prefill_tokens']:,} instead of "
           f"{off['prefill_tokens']:,} prompt tokens, prefill {speedup:.1f}x faster, "
-          f"{saved:.0%} fewer KV blocks, same outputs ({total:.0f} s in all)")
+          f"{saved:.0%} fewer KV blocks; cascade decode {decode_speedup:.2f}x; same outputs "
+          f"({total:.0f} s in all)")
     if args.json:
         result = {"off": {k: v for k, v in off.items() if k != "tokens"},
                   "on": {k: v for k, v in on.items() if k != "tokens"},
-                  "on_runs": len(on_runs),
+                  "cascade": {k: v for k, v in cas.items() if k != "tokens"},
+                  "runs": {n: len(done[n]) for n in names},
                   "speedup": speedup, "token_ratio": token_ratio, "blocks_saved": saved,
+                  "decode_speedup_cascade": decode_speedup,
                   "outputs_identical": same, "total_s": total}
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
