@@ -60,6 +60,9 @@ class LLM:
     chunked prefill also max_num_batched_tokens). compile=True runs the model under
     torch.compile(fullgraph=True, dynamic=True) with compile_backend ("inductor"; "eager"
     to check tracing cheaply); the graph is shared by every engine in the process.
+    cuda_graphs (None: on when the model is on CUDA) pads decode steps to capture sizes
+    and replays one CUDA graph per size (engine/cuda_graphs.py); True on a CPU model runs
+    the same padding with no capture.
     """
 
     def __init__(self, model, num_blocks: Optional[int] = None, *,
@@ -67,7 +70,8 @@ class LLM:
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
                  max_num_batched_tokens: int = 2048, max_num_seqs: int = 64,
                  max_model_len: Optional[int] = None, cache_dtype: Optional[torch.dtype] = None,
-                 compile: bool = True, compile_backend: str = "inductor") -> None:
+                 compile: bool = True, compile_backend: str = "inductor",
+                 cuda_graphs: Optional[bool] = None) -> None:
         if _is_hf_model(model):
             from ..integrations.hf import as_paged_model
             model = as_paged_model(model)
@@ -94,10 +98,16 @@ class LLM:
                                   max_num_seqs=max_num_seqs,
                                   max_num_batched_tokens=max_num_batched_tokens,
                                   max_model_len=self.max_model_len, compile=compile,
-                                  compile_backend=compile_backend)
+                                  compile_backend=compile_backend,
+                                  cuda_graphs=self._want_cuda_graphs(cuda_graphs))
         self.stats = EngineStats()
         self._next_request_id = 0
         self._next_seq_id = 0
+
+    def _want_cuda_graphs(self, cuda_graphs: Optional[bool]) -> bool:
+        if cuda_graphs is None:
+            return self.device.type == "cuda"
+        return bool(cuda_graphs)
 
     @property
     def num_compiled_graphs(self) -> int:

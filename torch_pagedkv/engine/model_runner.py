@@ -27,6 +27,7 @@ from ..cache.block_manager import BlockManager
 from ..cache.kv_cache import KVCache
 from ..cache.step_plan import StepPlanner
 from ..layers.metadata import AttentionMetadata
+from .cuda_graphs import DecodeGraphs
 from .sampling import sample
 from .scheduler import SchedulerOutput
 
@@ -81,14 +82,19 @@ class CompiledStep:
 class ModelRunner:
     def __init__(self, model, kv_cache: KVCache, block_manager: BlockManager, *,
                  max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 compile: bool = True, compile_backend: str = "inductor") -> None:
+                 compile: bool = True, compile_backend: str = "inductor",
+                 cuda_graphs: bool = False) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.device = kv_cache.device
-        self.max_num_tokens = max(max_num_batched_tokens, MIN_SIZE)
-        self.max_num_rows = max(max_num_seqs, MIN_SIZE)
+        # Decode steps padded to capture sizes (replayed graphs on CUDA); None: unpadded.
+        self.graphs = DecodeGraphs(max_num_seqs, self.device) if cuda_graphs else None
+        padded = self.graphs.max_size if self.graphs is not None else 0
+        self.max_num_tokens = max(max_num_batched_tokens, MIN_SIZE, padded)
+        self.max_num_rows = max(max_num_seqs, MIN_SIZE, padded)
         bs = block_manager.block_size
-        self.planner = StepPlanner(block_manager, max_num_seqs=max(max_num_seqs + 1, MIN_SIZE),
+        self.planner = StepPlanner(block_manager,
+                                   max_num_seqs=max(max_num_seqs + 1, MIN_SIZE, padded + 1),
                                    max_num_tokens=self.max_num_tokens,
                                    max_blocks_per_seq=-(-max_model_len // bs), device=self.device)
         pin = self.device.type == "cuda"
@@ -128,12 +134,24 @@ class ModelRunner:
             for s in sch.samplers:
                 rows[len(samplers)] = t - 1
                 samplers.append((s.request.params, s.generator))
-        num_tokens = max(t, MIN_SIZE)
+        # A decode-shaped step (one token per sequence) is padded to its capture size:
+        # fixed shapes, so its graph replays; any other step is padded only to the
+        # MIN_SIZE the dynamic-shape graph needs.
+        graph_size = None
+        if self.graphs is not None and t == len(steps) <= self.graphs.max_size:
+            graph_size = max(self.graphs.size_for(t), MIN_SIZE)
+            if len(samplers) > graph_size:  # a prompt's last token seeding n samples
+                graph_size = None
+        if graph_size is not None:
+            num_tokens = num_rows = graph_size
+            num_seqs = graph_size + 1  # the spare row owns the padding tokens
+        else:
+            num_tokens = max(t, MIN_SIZE)
+            num_rows = max(len(samplers), MIN_SIZE)
+            num_seqs = max(len(steps) + (num_tokens > t), MIN_SIZE)
         ids[t:num_tokens] = 0
         pos[t:num_tokens] = 0
-        num_rows = max(len(samplers), MIN_SIZE)
         rows[len(samplers):num_rows] = 0
-        num_seqs = max(len(steps) + (num_tokens > t), MIN_SIZE)
         metadata = self.planner.plan(steps, num_tokens=num_tokens, num_seqs=num_seqs)
         sizes = {"ids": num_tokens, "pos": num_tokens, "rows": num_rows}
         if self._dev is not self._host:
@@ -144,11 +162,17 @@ class ModelRunner:
         self.last_metadata = metadata
         args = (self.model, self._dev["ids"][:num_tokens], self._dev["pos"][:num_tokens],
                 self._dev["rows"][:num_rows], self.kv_caches, metadata, self.kv_scales)
-        if self.compiled is not None:
-            logits, new_graphs = self.compiled(*args)
-            self.num_compiled_graphs += new_graphs
+        if graph_size is not None:
+            logits = self.graphs.run(graph_size, lambda: self._forward(args))
         else:
-            logits = _step(*args)
+            logits = self._forward(args)
         if not samplers:
             return None
         return sample(logits[:len(samplers)], samplers)
+
+    def _forward(self, args) -> Tensor:
+        if self.compiled is None:
+            return _step(*args)
+        logits, new_graphs = self.compiled(*args)
+        self.num_compiled_graphs += new_graphs
+        return logits
