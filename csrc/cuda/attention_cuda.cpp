@@ -148,6 +148,10 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
       err = launch_decode<decltype(q), decltype(c)>(p, s, cfg, generic, stream);
     });
   } else {
+    // The prefill tiles cover the rows of sequences only; rows outside every sequence
+    // (malformed metadata) must not return uninitialized memory: zero first (the decode
+    // kernel zeroes them itself).
+    out.zero_();
     with_dtypes(query.scalar_type(), key_cache.scalar_type(), [&](auto q, auto c) {
       err = launch_prefill<decltype(q), decltype(c)>(p, cfg, generic, stream);
     });
