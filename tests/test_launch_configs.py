@@ -186,13 +186,6 @@ def test_user_table_from_environment(tmp_path):
     assert run.returncode == 0 and "ignored" in run.stderr
 
 
-def test_import_does_not_load_the_table():
-    code = "import sys, torch_pagedkv; print('torch_pagedkv.tuning' in sys.modules)"
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.strip() == "False"
-
-
 LAZY_INSTALL = """
 import torch, torch_pagedkv
 from torch_pagedkv.tuning import table
