@@ -16,6 +16,9 @@ graph serves every step, and steps never recompile.
 """
 from __future__ import annotations
 
+import importlib
+import logging
+import sys
 from typing import Optional
 
 import numpy as np
@@ -43,6 +46,26 @@ def _step(model, input_ids: Tensor, positions: Tensor, sample_rows: Tensor, kv_c
     return model.compute_logits(hidden.index_select(0, sample_rows))
 
 
+class _DropNoCudaRuntime(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No CUDA runtime is found" not in record.getMessage()
+
+
+def _import_cpp_extension_quietly() -> None:
+    """Inductor's C++ backend imports torch.utils.cpp_extension, whose import logs "No
+    CUDA runtime is found" on a machine with a CUDA toolkit but no GPU: true, and beside
+    the point of a CPU run. Import it first with that one message filtered out."""
+    name = "torch.utils.cpp_extension"
+    if name in sys.modules or torch.cuda.is_available():
+        return
+    logger, quiet = logging.getLogger(name), _DropNoCudaRuntime()
+    logger.addFilter(quiet)
+    try:
+        importlib.import_module(name)
+    finally:
+        logger.removeFilter(quiet)
+
+
 class CompiledStep:
     """_step under torch.compile(fullgraph=True, dynamic=True), counting the graphs made.
 
@@ -54,6 +77,8 @@ class CompiledStep:
     _by_backend: dict[str, "CompiledStep"] = {}
 
     def __init__(self, backend: str) -> None:
+        if backend == "inductor":
+            _import_cpp_extension_quietly()
         self.backend = backend
         self.num_graphs = 0
         self.fn = torch.compile(_step, fullgraph=True, dynamic=True, backend=self._compile)
