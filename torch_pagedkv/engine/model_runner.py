@@ -1,5 +1,9 @@
 """The model runner: one scheduled step in, one sampled token per sampler out.
 
+First the step's block moves, in the order that keeps every block's content right:
+swap-outs (preempted sequences' blocks to the swap space, before anything reuses
+them), copy-on-write copies, swap-ins (resumed sequences' blocks back from it).
+
 Plan on the host, run on the device (FlashInfer's plan/run split): token ids,
 positions and the rows to sample are written into preallocated host buffers, the
 step's AttentionMetadata by the StepPlanner (from each sequence's block table) into
@@ -32,6 +36,7 @@ from ..cache.step_plan import StepPlanner
 from ..layers.metadata import AttentionMetadata
 from .sampling import sample
 from .scheduler import SchedulerOutput
+from .swap import SwapSpace
 
 MIN_SIZE = 2  # dynamic shapes specialise 0 and 1: never hand the graph a size below this
 
@@ -106,9 +111,11 @@ class CompiledStep:
 class ModelRunner:
     def __init__(self, model, kv_cache: KVCache, block_manager: BlockManager, *,
                  max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 compile: bool = True, compile_backend: str = "inductor") -> None:
+                 compile: bool = True, compile_backend: str = "inductor",
+                 swap: Optional[SwapSpace] = None) -> None:
         self.model = model
         self.kv_cache = kv_cache
+        self.swap = swap
         self.device = kv_cache.device
         self.max_num_tokens = max(max_num_batched_tokens, MIN_SIZE)
         self.max_num_rows = max(max_num_seqs, MIN_SIZE)
@@ -136,8 +143,12 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> Optional[Tensor]:
         """Run one step without waiting for the device: returns the sampled tokens (int64,
         one per sampler, in scheduled order) as a device tensor, None if none sampled."""
+        if out.swap_out:  # before anything writes the blocks they leave
+            self.swap.swap_out(out.swap_out)
         if out.copies:  # copy-on-write of forked partial blocks, before anything writes
             self.kv_cache.copy_blocks(out.copies)
+        if out.swap_in:
+            self.swap.swap_in(out.swap_in)
         if self._copied is not None:
             self._copied.synchronize()  # waits for last step's input copies only
         ids, pos, rows = self._np["ids"], self._np["pos"], self._np["rows"]
