@@ -12,6 +12,12 @@ and a free list of its blocks. It is host bookkeeping plus the copies; which seq
 goes where is the scheduler's decision (engine/scheduler.py), and the copies run at the
 start of the step that needs them (ModelRunner.execute): swap-outs before anything
 writes the freed cache blocks, swap-ins before anything reads the restored ones.
+
+On CUDA a swap-in is asynchronous (DMA from pinned memory, ordered on the stream). A
+swap-out is not: swap_blocks into a CPU tensor returns once its copies are done (the
+host is a CPU tensor's reader). The runner issues it first in the step, when the stream
+holds no work (the previous step ended reading back its tokens), so the host waits for
+the copy itself and nothing else.
 """
 from __future__ import annotations
 
