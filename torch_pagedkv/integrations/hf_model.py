@@ -60,8 +60,10 @@ class PagedStep:
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
-class UnsupportedModelError(ValueError):
-    """A transformers model whose attention cannot run on the pagedkv kernels."""
+class UnsupportedModelError(ValueError, NotImplementedError):
+    """A transformers model whose attention cannot run on the pagedkv kernels: both a
+    ValueError (a model the engine cannot take) and a NotImplementedError (what its
+    attention needs is not implemented here), so either except catches it."""
 
 
 def unsupported_reason(hf_model: nn.Module) -> Optional[str]:
