@@ -139,3 +139,28 @@ def test_preemption_settings_are_checked(model):
         LLM(model, num_blocks=8, compile=False, preemption_mode="swap", swap_space_bytes=10)
     llm = LLM(model, num_blocks=8, block_size=BLOCK, compile=False, preemption_mode="swap")
     assert llm.swap.num_blocks == 8  # by default as large as the cache (up to 4 GiB)
+
+
+def test_aborting_a_swapped_out_request_frees_its_swap_blocks(model):
+    prompts, params = workload(4)
+    llm = LLM(model, num_blocks=14, block_size=BLOCK, max_num_batched_tokens=32, compile=False,
+              preemption_mode="swap", swap_space_bytes=ROOMY_SWAP)
+    reqs = [llm.add_request(p, sp) for p, sp in zip(prompts, params)]
+    victim = None
+    while victim is None and llm.has_unfinished():
+        llm.step()
+        victim = next((r for r in reqs if any(s.status is SequenceStatus.SWAPPED
+                                              for s in r.sequences)), None)
+    assert victim is not None, "no sequence was swapped out: the test would prove nothing"
+    held = sum(len(s.swapped.blocks) for r in reqs for s in r.sequences if s.swapped)
+    mine = sum(len(s.swapped.blocks) for s in victim.sequences if s.swapped)
+    assert llm.swap.num_free_blocks == llm.swap.num_blocks - held
+    llm.abort(victim.request_id)
+    assert llm.swap.num_free_blocks == llm.swap.num_blocks - held + mine
+    assert all(s.status is SequenceStatus.FINISHED and s.swapped is None
+               for s in victim.sequences)
+    while llm.has_unfinished():
+        step = llm.step()
+        assert victim not in {s.seq.request for s in step.scheduled.scheduled}
+    assert llm.swap.num_free_blocks == llm.swap.num_blocks
+    assert llm.block_manager.num_free_blocks == 14
