@@ -1,5 +1,9 @@
 """The model runner: one scheduled step in, one sampled token per sampler out.
 
+First the step's block moves, in the order that keeps every block's content right:
+swap-outs (preempted sequences' blocks to the swap space, before anything reuses
+them), copy-on-write copies, swap-ins (resumed sequences' blocks back from it).
+
 Plan on the host, run on the device (FlashInfer's plan/run split): token ids,
 positions and the rows to sample are written into preallocated host buffers, the
 step's AttentionMetadata by the StepPlanner (from each sequence's block table) into
@@ -16,6 +20,9 @@ graph serves every step, and steps never recompile.
 """
 from __future__ import annotations
 
+import importlib
+import logging
+import sys
 from typing import Optional
 
 import numpy as np
@@ -30,6 +37,7 @@ from ..layers.metadata import AttentionMetadata
 from .cuda_graphs import DecodeGraphs
 from .sampling import sample
 from .scheduler import SchedulerOutput
+from .swap import SwapSpace
 
 MIN_SIZE = 2  # dynamic shapes specialise 0 and 1: never hand the graph a size below this
 
@@ -44,6 +52,26 @@ def _step(model, input_ids: Tensor, positions: Tensor, sample_rows: Tensor, kv_c
     return model.compute_logits(hidden.index_select(0, sample_rows))
 
 
+class _DropNoCudaRuntime(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No CUDA runtime is found" not in record.getMessage()
+
+
+def _import_cpp_extension_quietly() -> None:
+    """Inductor's C++ backend imports torch.utils.cpp_extension, whose import logs "No
+    CUDA runtime is found" on a machine with a CUDA toolkit but no GPU: true, and beside
+    the point of a CPU run. Import it first with that one message filtered out."""
+    name = "torch.utils.cpp_extension"
+    if name in sys.modules or torch.cuda.is_available():
+        return
+    logger, quiet = logging.getLogger(name), _DropNoCudaRuntime()
+    logger.addFilter(quiet)
+    try:
+        importlib.import_module(name)
+    finally:
+        logger.removeFilter(quiet)
+
+
 class CompiledStep:
     """_step under torch.compile(fullgraph=True, dynamic=True), counting the graphs made.
 
@@ -55,6 +83,8 @@ class CompiledStep:
     _by_backend: dict[str, "CompiledStep"] = {}
 
     def __init__(self, backend: str) -> None:
+        if backend == "inductor":
+            _import_cpp_extension_quietly()
         self.backend = backend
         self.num_graphs = 0
         self.fn = torch.compile(_step, fullgraph=True, dynamic=True, backend=self._compile)
@@ -83,9 +113,10 @@ class ModelRunner:
     def __init__(self, model, kv_cache: KVCache, block_manager: BlockManager, *,
                  max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
                  compile: bool = True, compile_backend: str = "inductor",
-                 cuda_graphs: bool = False) -> None:
+                 swap: Optional[SwapSpace] = None, cuda_graphs: bool = False) -> None:
         self.model = model
         self.kv_cache = kv_cache
+        self.swap = swap
         self.device = kv_cache.device
         # Decode steps padded to capture sizes (replayed graphs on CUDA); None: unpadded.
         self.graphs = DecodeGraphs(max_num_seqs, self.device) if cuda_graphs else None
@@ -117,8 +148,12 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> Optional[Tensor]:
         """Run one step without waiting for the device: returns the sampled tokens (int64,
         one per sampler, in scheduled order) as a device tensor, None if none sampled."""
+        if out.swap_out:  # before anything writes the blocks they leave
+            self.swap.swap_out(out.swap_out)
         if out.copies:  # copy-on-write of forked partial blocks, before anything writes
             self.kv_cache.copy_blocks(out.copies)
+        if out.swap_in:
+            self.swap.swap_in(out.swap_in)
         if self._copied is not None:
             self._copied.synchronize()  # waits for last step's input copies only
         ids, pos, rows = self._np["ids"], self._np["pos"], self._np["rows"]
