@@ -1,6 +1,8 @@
 # torch_pagedkv: `make run` (the main job), `make test`, `make build`, `make bench`.
 # The environment (torch alone is 5.5 GB) lives in a cache folder keyed by the hash of
-# the requirement files, created here when missing; .venv is a link to it.
+# the requirement files, created here when missing and shared by every checkout. .venv is
+# the checkout's own small environment over it (scripts/checkout_venv.py): the shared
+# packages, this checkout's root on the path, and the `pagedkv` command in .venv/bin.
 SHELL := /bin/bash
 PYTHON_BASE ?= python3.11
 REQ_FILES := requirements.txt requirements-hf.txt
@@ -26,9 +28,9 @@ LIB_CACHE := $(ENV_CACHE)/lib-$(BUILD_KEY)
 
 .PHONY: env build run test bench clean
 
-env: .venv/.ready-$(REQ_HASH)
+env: .venv/.checkout-ready-$(REQ_HASH)
 
-.venv/.ready-$(REQ_HASH): $(REQ_FILES)
+.venv/.checkout-ready-$(REQ_HASH): $(REQ_FILES) scripts/checkout_venv.py
 	@if [ ! -f $(ENV_DIR)/.complete ]; then \
 	  echo "creating environment $(ENV_DIR) (first time only: a few minutes)"; \
 	  rm -rf $(ENV_DIR) && mkdir -p $(ENV_CACHE) && \
@@ -36,24 +38,26 @@ env: .venv/.ready-$(REQ_HASH)
 	  $(ENV_DIR)/bin/python -m pip install -q --progress-bar off $(addprefix -r ,$(REQ_FILES)) && \
 	  touch $(ENV_DIR)/.complete; \
 	fi
-	@rm -rf .venv && ln -s $(ENV_DIR) .venv
-	@mkdir -p .venv && touch .venv/.ready-$(REQ_HASH)
+	@rm -rf .venv && $(ENV_DIR)/bin/python scripts/checkout_venv.py .venv $(ENV_DIR) $(CURDIR)
+	@touch $@
+	@echo "environment ready: .venv (the pagedkv command is .venv/bin/pagedkv)"
 
 build: env torch_pagedkv/_C.stamp
 
-torch_pagedkv/_C.stamp: $(SOURCES) .venv/.ready-$(REQ_HASH)
+torch_pagedkv/_C.stamp: $(SOURCES) .venv/.checkout-ready-$(REQ_HASH)
 	@if [ "$(PAGEDKV_BUILD_CACHE)" != 0 ] && [ -f $(LIB_CACHE)/.complete ]; then \
 	  echo "reusing the library built from these exact sources ($(LIB_CACHE))"; \
 	  rm -f torch_pagedkv/_C*.so && cp $(LIB_CACHE)/_C* torch_pagedkv/; \
 	else \
-	  $(PY) setup.py -q build_ext --inplace && \
+	  echo "building torch_pagedkv._C (CUDA: $(PAGEDKV_CUDA), CPU ISA: $(PAGEDKV_CPU_ISA))" && \
+	  $(PY) scripts/quiet_build.py $(PY) setup.py -q build_ext --inplace && \
 	  rm -rf $(LIB_CACHE) && mkdir -p $(LIB_CACHE) && cp torch_pagedkv/_C*.so torch_pagedkv/_C.isa torch_pagedkv/_C.torch $(LIB_CACHE)/ && \
 	  touch $(LIB_CACHE)/.complete; \
 	fi
 	@touch $@
 
 run: build
-	$(PY) -m torch_pagedkv.cli demo
+	.venv/bin/pagedkv demo
 
 test: build
 	$(PY) -m pytest -q tests

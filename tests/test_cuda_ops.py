@@ -540,3 +540,53 @@ def test_swap_blocks_out_of_range_cpu_mapping_raises_and_writes_nothing():
     with pytest.raises(RuntimeError, match=r"block_mapping\[1, 1\] \(dst\) must be in \[0, 4\)"):
         pk.swap_blocks(src, dst, torch.tensor([[0, 1], [2, 4]]))
     assert not dst.any()
+
+
+# ------------------------------------------------------------------------------------
+# caches past 2^31 elements: every offset must be 64-bit
+# ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", PATHS)
+def test_cache_larger_than_2_31_elements(path):
+    """fp8 caches of 33000 x 16 x 8 x 512 (2.16e9 elements each) with every block id near
+    the end: write, attend, copy_blocks and swap_blocks there agree with the same ops on a
+    small cache holding the same blocks (an int32 offset would wrap and read elsewhere)."""
+    nb, bs, kvh, d, heads, ctx = 33000, 16, 8, 512, 16, 70
+    assert nb * bs * kvh * d > 2**31
+    g = torch.Generator(device="cuda").manual_seed(0)
+    big = [torch.zeros(nb, bs, kvh, d, dtype=torch.float8_e4m3fn, device="cuda")
+           for _ in range(2)]
+    small = [torch.zeros(12, bs, kvh, d, dtype=torch.float8_e4m3fn, device="cuda")
+             for _ in range(2)]
+    first = nb - 10  # two sequences of 5 blocks in the last 10
+    table_small = torch.arange(10, dtype=torch.int32, device="cuda").view(2, 5)
+    positions = torch.arange(ctx, device="cuda")
+    slots_small = torch.cat([table_small[i, positions // bs].long() * bs + positions % bs
+                             for i in range(2)])
+    k, v = (torch.randn(2 * ctx, kvh, d, generator=g, device="cuda", dtype=torch.bfloat16)
+            for _ in range(2))
+    pk.reshape_and_cache(k, v, *big, slots_small + first * bs)
+    pk.reshape_and_cache(k, v, *small, slots_small)
+    for b, s in zip(big, small):
+        assert torch.equal(b[first:].view(torch.uint8), s[:10].view(torch.uint8))
+
+    seq_lens = torch.full((2,), ctx, dtype=torch.int32, device="cuda")
+    q_len = 1 if path == "decode" else ctx
+    qsl = torch.tensor([0, q_len, 2 * q_len], dtype=torch.int32, device="cuda")
+    q = torch.randn(2 * q_len, heads, d, generator=g, device="cuda", dtype=torch.bfloat16)
+    with knobs.override(attention_path=path):
+        out_big = pk.paged_attention(q, *big, table_small + first, seq_lens, qsl, d ** -0.5)
+        out_small = pk.paged_attention(q, *small, table_small, seq_lens, qsl, d ** -0.5)
+    torch.testing.assert_close(out_big, out_small, atol=0, rtol=0)
+    ref = reference.paged_attention(q.cpu(), small[0].cpu(), small[1].cpu(), table_small.cpu(),
+                                    seq_lens.cpu(), qsl.cpu(), d ** -0.5)
+    assert_matches(out_big, ref, torch.bfloat16)
+
+    pk.copy_blocks([big[0]], [big[1]], torch.tensor([[nb - 1, 0], [3, nb - 2]], device="cuda"))
+    assert torch.equal(big[0][0].view(torch.uint8), big[0][nb - 1].view(torch.uint8))
+    assert torch.equal(big[1][nb - 2].view(torch.uint8), big[1][3].view(torch.uint8))
+    host = torch.zeros(2, bs, kvh, d, dtype=torch.float8_e4m3fn, pin_memory=True)
+    pk.swap_blocks(big[0], host, torch.tensor([[nb - 1, 0], [nb - 3, 1]]))
+    torch.cuda.synchronize()
+    assert torch.equal(host[0].view(torch.uint8), big[0][nb - 1].cpu().view(torch.uint8))
+    assert torch.equal(host[1].view(torch.uint8), big[0][nb - 3].cpu().view(torch.uint8))

@@ -138,6 +138,11 @@ void run_attention(const char* op, const AttentionDims& d, const at::Tensor& que
       err = launch_decode<decltype(q), decltype(c)>(p, s, cfg, generic, stream);
     });
   } else {
+    // The prefill tiles cover the rows of sequences only; rows outside every sequence
+    // (malformed metadata) must not return uninitialized memory: zero first (the decode
+    // kernel zeroes them itself).
+    out.zero_();
+    if (lse.defined()) lse.fill_(-std::numeric_limits<float>::infinity());
     with_dtypes(query.scalar_type(), key_cache.scalar_type(), [&](auto q, auto c) {
       err = launch_prefill<decltype(q), decltype(c)>(p, cfg, generic, stream);
     });

@@ -359,10 +359,8 @@ cudaError_t decode_launch_impl(const AttentionParams& p, const DecodeScratch& s,
   const int64_t parts = decode_num_partitions(p, P);
   const size_t smem = decode_smem_bytes(p.head_size, hp, P);
   auto* kernel = decode_kernel_for<Q, C, HEAD>(hp);
-  if (smem > 48 * 1024) {
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    if (e != cudaSuccess) return e;
-  }
+  cudaError_t e = allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
+  if (e != cudaSuccess) return e;
   const dim3 grid(unsigned(p.num_q_tokens), unsigned(p.num_kv_heads * head_chunks), unsigned(parts));
   kernel<<<grid, cfg.decode_threads, smem, stream>>>(p, s, hp, P, log2_if_pow2(p.block_size));
   if (parts > 1) {
@@ -386,10 +384,8 @@ inline cudaError_t fill_kernel_info(const void* fn, int threads, size_t smem, Ke
   cudaFuncAttributes a{};
   cudaError_t e = cudaFuncGetAttributes(&a, fn);
   if (e != cudaSuccess) return e;
-  if (smem > 48 * 1024) {
-    e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    if (e != cudaSuccess) return e;
-  }
+  e = allow_dynamic_smem(fn, smem);
+  if (e != cudaSuccess) return e;
   int blocks = 0;
   e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, fn, threads, smem);
   if (e != cudaSuccess) return e;

@@ -270,10 +270,8 @@ cudaError_t prefill_launch_impl(const AttentionParams& p, const LaunchConfig& cf
   const int tr = prefill_rows_per_tile(p.head_size, G);
   const size_t smem = prefill_smem_bytes(p.head_size);
   auto* kernel = prefill_kernel<Q, C, HEAD>;
-  if (smem > 48 * 1024) {
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    if (e != cudaSuccess) return e;
-  }
+  cudaError_t e = allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
+  if (e != cudaSuccess) return e;
   const int64_t tiles = int64_t(p.num_q_tokens) / tr + p.num_seqs;
   if (tiles == 0) return cudaSuccess;
   const dim3 grid(unsigned(tiles), unsigned(p.num_kv_heads * head_chunks));

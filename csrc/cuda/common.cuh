@@ -8,7 +8,10 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <mutex>
+#include <set>
 #include <type_traits>
+#include <utility>
 
 #include "cuda/kernels.h"
 
@@ -236,6 +239,28 @@ __device__ __forceinline__ float load_scale(const float* s) { return s ? __ldg(s
 // log-sum-exp of a softmax with maximum m and sum l of exp(score - m); -inf for no key.
 __device__ __forceinline__ float lse_of(float m, float l) {
   return l > 0.f ? m + logf(l) : kNegInf;
+}
+
+// Lets `kernel` take up to the device's opt-in maximum of dynamic shared memory, set once
+// per (kernel, device) and never lowered: each launch then passes its own size. Setting the
+// attribute at every launch to that launch's size raced: two threads launching the generic
+// kernel with different head sizes could each launch under the other's smaller limit.
+inline cudaError_t allow_dynamic_smem(const void* kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;  // the default limit
+  int device = 0;
+  cudaError_t e = cudaGetDevice(&device);
+  if (e != cudaSuccess) return e;
+  static std::mutex mu;
+  static std::set<std::pair<const void*, int>> raised;
+  std::lock_guard<std::mutex> lock(mu);
+  if (raised.count({kernel, device})) return cudaSuccess;
+  int optin = 0;
+  e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (e != cudaSuccess) return e;
+  if (bytes > size_t(optin)) return cudaErrorInvalidValue;
+  e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
+  if (e == cudaSuccess) raised.insert({kernel, device});
+  return e;
 }
 
 }  // namespace pagedkv::cuda

@@ -1,5 +1,6 @@
-"""The reference engine: LLM.generate with continuous batching, chunked prefill,
-prefix caching, preemption by recompute and parallel sampling by fork."""
+"""The reference engine: LLM.generate (and stream, abort) with continuous batching,
+chunked prefill, prefix caching, preemption by recompute or by swap, parallel sampling
+by fork, text in and out through a tokenizer, and models by checkpoint path."""
 from .llm import LLM, StepOutput
 from .request import CompletionOutput, Request, RequestMetrics, RequestOutput
 from .sampling import SamplingParams

@@ -4,13 +4,21 @@
                  -> ModelRunner.execute  (plan metadata, run the model, sample)
                  -> Scheduler.update     (commit K/V to the prefix cache, fork, finish)
 one step at a time until every request is done. step() is public so a caller (the
-trace, a server loop) can watch the engine between steps.
+trace, a server loop) can watch the engine between steps; stream() yields each step's
+new tokens; abort() cancels a request between steps.
+
+Admission is all or nothing: generate() and add_request() check every prompt and
+parameter (engine/admission.py) before queueing any, and a generate() or stream() that
+fails or is abandoned midway aborts the requests it queued, so an error never leaves
+work queued or blocks held.
 """
 from __future__ import annotations
 
+import os
 import time
+from functools import partial
 from dataclasses import dataclass, field
-from typing import Optional, Sequence as Seq, Union
+from typing import Any, Iterator, Optional, Sequence as Seq, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -18,13 +26,19 @@ from tqdm.auto import tqdm
 from ..cache.block_manager import BlockManager
 from ..cache.kv_cache import KVCache
 from ..cache.step_plan import ALWAYS_CASCADE, AUTO_CASCADE, CascadeRule
+from . import text
+from .admission import Checked, Limits, Prompt, check_batch, check_request
 from .model_runner import ModelRunner
 from .request import Request, RequestOutput, Sequence
 from .sampling import SamplingParams
 from .scheduler import Scheduler, SchedulerOutput
 from .stats import EngineStats
+from .stream import Streamer
+from .swap import SwapSpace
 
 DEFAULT_MEMORY_BYTES = 512 * 2**20
+DEFAULT_SWAP_BYTES = 4 * 2**30  # at most; never more than the KV cache itself
+PREEMPTION_MODES = ("recompute", "swap")
 
 
 def _is_hf_model(model) -> bool:
@@ -59,7 +73,8 @@ class StepOutput:
 
 
 class LLM:
-    """A paged-KV-cache engine over a PagedModel (or a Hugging Face model, adapted).
+    """A paged-KV-cache engine over a PagedModel, a Hugging Face model (adapted), or the
+    path of a local Hugging Face checkpoint (loaded with from_pretrained, files only).
 
     num_blocks or memory_bytes sizes the KV cache (default: a 512 MiB budget);
     cache_dtype defaults to the model's dtype (fp8 dtypes allowed). max_model_len caps a
@@ -67,6 +82,15 @@ class LLM:
     chunked prefill also max_num_batched_tokens). compile=True runs the model under
     torch.compile(fullgraph=True, dynamic=True) with compile_backend ("inductor"; "eager"
     to check tracing cheaply); the graph is shared by every engine in the process.
+    cuda_graphs (None: on when the model is on CUDA) pads decode steps to capture sizes
+    and replays one CUDA graph per size (engine/cuda_graphs.py); True on a CPU model runs
+    the same padding with no capture.
+    tokenizer (any object with encode/decode; by default the one saved beside a
+    checkpoint given by path) lets prompts be text and gives outputs `.text`.
+    preemption_mode: "recompute" frees a preempted sequence's blocks and computes its K/V
+    again on resumption; "swap" first copies them to a CPU swap space of
+    swap_space_bytes (default: the KV cache's size, at most 4 GiB) and back on
+    resumption, falling back to recompute while the swap space is full.
     enable_cascade: shared-prefix (cascade) attention for running sequences whose block
     tables start with the same blocks. None: when the planner finds a group worth it
     (cache/step_plan.py AUTO_CASCADE, measured); True: every group of 2+ sequences sharing
@@ -79,21 +103,49 @@ class LLM:
                  max_num_batched_tokens: int = 2048, max_num_seqs: int = 64,
                  max_model_len: Optional[int] = None, cache_dtype: Optional[torch.dtype] = None,
                  compile: bool = True, compile_backend: str = "inductor",
+                 cuda_graphs: Optional[bool] = None,
+                 tokenizer: Any = None, preemption_mode: str = "recompute",
+                 swap_space_bytes: Optional[int] = None,
                  enable_cascade: Optional[bool] = None) -> None:
-        if _is_hf_model(model):
-            from ..integrations.hf import as_paged_model
-            model = as_paged_model(model)
         if max_num_batched_tokens < 1 or max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
+        if preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, "
+                             f"got {preemption_mode!r}")
+        if swap_space_bytes is not None and preemption_mode != "swap":
+            raise ValueError("swap_space_bytes sizes the swap space of "
+                             "preemption_mode='swap'; pass that too, or drop swap_space_bytes")
+        if isinstance(model, (str, os.PathLike)):
+            from .checkpoint import load_checkpoint
+            model, saved_tokenizer = load_checkpoint(model)
+            tokenizer = saved_tokenizer if tokenizer is None else tokenizer
+        if isinstance(tokenizer, (str, os.PathLike)):
+            from .checkpoint import load_tokenizer
+            tokenizer = load_tokenizer(tokenizer)
+        if tokenizer is not None and not (hasattr(tokenizer, "encode")
+                                          and hasattr(tokenizer, "decode")):
+            raise TypeError(f"tokenizer must have encode() and decode(), got "
+                            f"{type(tokenizer).__name__}")
+        if _is_hf_model(model):
+            from ..integrations.hf import as_paged_model
+            model = as_paged_model(model)  # refuses a model it cannot route
         if num_blocks is None and memory_bytes is None:
             memory_bytes = DEFAULT_MEMORY_BYTES
         self.model = model
+        self.tokenizer = tokenizer
         self.device = _model_device(model)
         self.kv_cache = KVCache(model.num_layers, model.num_kv_heads, model.head_size,
                                 block_size, num_blocks=num_blocks, memory_bytes=memory_bytes,
                                 dtype=cache_dtype or model.dtype, device=self.device)
         self.block_manager = BlockManager(self.kv_cache.num_blocks, block_size,
                                           enable_prefix_caching=enable_prefix_caching)
+        self.swap: Optional[SwapSpace] = None
+        if preemption_mode == "swap":
+            budget = swap_space_bytes
+            if budget is None:
+                budget = min(DEFAULT_SWAP_BYTES, self.kv_cache.nbytes)
+            self.swap = SwapSpace.for_budget(self.kv_cache, budget)
+        self.preemption_mode = preemption_mode
         limit = getattr(model, "max_position", None) or self.kv_cache.num_blocks * block_size
         self.max_model_len = min(max_model_len or limit, limit,
                                  self.kv_cache.num_blocks * block_size)
@@ -101,43 +153,60 @@ class LLM:
             self.max_model_len = min(self.max_model_len, max_num_batched_tokens)
         self.scheduler = Scheduler(self.block_manager, max_num_batched_tokens=max_num_batched_tokens,
                                    max_num_seqs=max_num_seqs, max_model_len=self.max_model_len,
-                                   enable_chunked_prefill=enable_chunked_prefill)
+                                   enable_chunked_prefill=enable_chunked_prefill, swap=self.swap)
         self.runner = ModelRunner(model, self.kv_cache, self.block_manager,
                                   max_num_seqs=max_num_seqs,
                                   max_num_batched_tokens=max_num_batched_tokens,
                                   max_model_len=self.max_model_len, compile=compile,
-                                  compile_backend=compile_backend,
+                                  compile_backend=compile_backend, swap=self.swap,
+                                  cuda_graphs=self._want_cuda_graphs(cuda_graphs),
                                   cascade=_cascade_rule(enable_cascade))
         self.stats = EngineStats()
+        self.limits = Limits(model.vocab_size, self.max_model_len, max_num_seqs, tokenizer)
+        self._requests: dict[int, Request] = {}  # unfinished, by request_id
         self._next_request_id = 0
         self._next_seq_id = 0
+
+    def _want_cuda_graphs(self, cuda_graphs: Optional[bool]) -> bool:
+        if cuda_graphs is None:
+            return self.device.type == "cuda"
+        return bool(cuda_graphs)
 
     @property
     def num_compiled_graphs(self) -> int:
         return self.runner.num_compiled_graphs
 
     # ------------------------------------------------------------ requests
-    def add_request(self, prompt_token_ids: Seq[int], params: Optional[SamplingParams] = None,
+    def add_request(self, prompt: Prompt, params: Optional[SamplingParams] = None,
                     *, cache_salt: Optional[str] = None) -> Request:
-        params = params or SamplingParams()
-        tolist = getattr(prompt_token_ids, "tolist", None)
-        prompt = [int(t) for t in (tolist() if tolist else prompt_token_ids)]
-        if not prompt:
-            raise ValueError("a prompt needs at least one token")
-        vocab = self.model.vocab_size
-        if min(prompt) < 0 or max(prompt) >= vocab:
-            raise ValueError(f"prompt token ids must be in [0, {vocab}) (the model's vocab)")
-        if len(prompt) >= self.max_model_len:
-            raise ValueError(f"prompt of {len(prompt)} tokens leaves no room to generate: "
-                             f"max_model_len is {self.max_model_len}")
-        req = Request(self._next_request_id, prompt, params, time.perf_counter(), cache_salt)
+        """Queue one request (text needs a tokenizer); checked first, so a bad one
+        raises and queues nothing."""
+        return self._enqueue(check_request(prompt, params, self.limits, cache_salt))
+
+    def _enqueue(self, checked: Checked) -> Request:
+        params = checked.params
+        req = Request(self._next_request_id, checked.token_ids, params, time.perf_counter(),
+                      checked.cache_salt, checked.prompt)
         self._next_request_id += 1
         for i in range(params.n):
             req.sequences.append(Sequence(self._next_seq_id, req, i,
                                           params.generator(i, self.device)))
             self._next_seq_id += 1
+        self._requests[req.request_id] = req
         self.scheduler.add(req.sequences[0])
         return req
+
+    def abort(self, request_id: int) -> None:
+        """Cancel a request wherever it is (waiting, running, swapped out): its blocks
+        are freed (committed full blocks stay in the prefix cache) and it takes no part
+        in later steps; its samples end with finish_reason "abort". An unknown or
+        finished id is a no-op. A Request or RequestOutput may stand for its id."""
+        req = self._requests.pop(getattr(request_id, "request_id", request_id), None)
+        if req is None:
+            return
+        self.scheduler.abort(req)
+        req.metrics.latency = time.perf_counter() - req.arrival_time
+        self.stats.num_aborted += 1
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -157,7 +226,7 @@ class LLM:
         done = []
         for s in finished:
             req = s.request
-            if req.finished:
+            if req.finished and self._requests.pop(req.request_id, None) is not None:
                 req.metrics.latency = now - req.arrival_time
                 done.append(req)
         st = self.stats
@@ -170,6 +239,9 @@ class LLM:
         else:
             st.decode_time_s += now - t0
         st.num_preemptions += len(out.preempted)
+        st.num_swapped_out += len(out.swapped)
+        st.num_swapped_out_blocks += len(out.swap_out)
+        st.num_swapped_in_blocks += len(out.swap_in)
         st.num_cow_copies += len(out.copies)
         st.num_cascade_steps += self.runner.last_metadata.cascade is not None
         st.peak_blocks_used = max(st.peak_blocks_used, used)
@@ -177,22 +249,43 @@ class LLM:
         return StepOutput(out, tokens, done, now - t0)
 
     # ------------------------------------------------------------ the batch API
-    def generate(self, prompts: Seq[Seq[int]],
+    def generate(self, prompts: Union[Prompt, Seq[Prompt]],
                  params: Union[SamplingParams, Seq[SamplingParams], None] = None, *,
                  use_tqdm: bool = True, cache_salts: Optional[Seq[Optional[str]]] = None
                  ) -> list[RequestOutput]:
-        """Generate for every prompt (token ids); results in prompt order."""
-        if params is None or isinstance(params, SamplingParams):
-            params = [params or SamplingParams()] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
-        salts = cache_salts or [None] * len(prompts)
-        reqs = [self.add_request(p, sp, cache_salt=salt)
-                for p, sp, salt in zip(prompts, params, salts)]
-        with tqdm(total=len(reqs), desc="generate", unit="req", disable=not use_tqdm,
-                  dynamic_ncols=True) as bar:
-            while self.has_unfinished():
-                step = self.step()
-                if step.finished:
-                    bar.update(len(step.finished))
-        return [RequestOutput.of(r) for r in reqs]
+        """Generate for every prompt (token ids, or text with a tokenizer); results in
+        prompt order. Every prompt is checked before any is queued."""
+        reqs = [self._enqueue(c) for c in check_batch(prompts, params, cache_salts, self.limits)]
+        try:
+            with tqdm(total=len(reqs), desc="generate", unit="req", disable=not use_tqdm,
+                      dynamic_ncols=True) as bar:
+                while self.has_unfinished():
+                    step = self.step()
+                    if step.finished:
+                        bar.update(len(step.finished))
+        except BaseException:  # an error or an interrupt: leave nothing queued
+            for r in reqs:
+                self.abort(r.request_id)
+            raise
+        return [self.output(r) for r in reqs]
+
+    def stream(self, prompts: Union[Prompt, Seq[Prompt]],
+               params: Union[SamplingParams, Seq[SamplingParams], None] = None, *,
+               cache_salts: Optional[Seq[Optional[str]]] = None) -> Iterator[RequestOutput]:
+        """Like generate(), but yields as steps produce them each request's new tokens
+        (and text): one RequestOutput per request and step, holding the samples that
+        grew, each with only its new tokens; `finished` marks a request's last one.
+        Leaving the loop early aborts the requests still unfinished."""
+        reqs = [self._enqueue(c) for c in check_batch(prompts, params, cache_salts, self.limits)]
+        streamer = Streamer(reqs, self.tokenizer)
+        try:
+            while not streamer.done:
+                yield from streamer.outputs(self.step())
+        finally:
+            for r in reqs:
+                self.abort(r.request_id)  # a no-op for the finished ones
+
+    def output(self, request: Request) -> RequestOutput:
+        """The request's outputs so far (with text, given a tokenizer)."""
+        decode = None if self.tokenizer is None else partial(text.decode, self.tokenizer)
+        return RequestOutput.of(request, decode)

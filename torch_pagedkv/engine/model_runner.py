@@ -1,5 +1,9 @@
 """The model runner: one scheduled step in, one sampled token per sampler out.
 
+First the step's block moves, in the order that keeps every block's content right:
+swap-outs (preempted sequences' blocks to the swap space, before anything reuses
+them), copy-on-write copies, swap-ins (resumed sequences' blocks back from it).
+
 Plan on the host, run on the device (FlashInfer's plan/run split): token ids,
 positions and the rows to sample are written into preallocated host buffers, the
 step's AttentionMetadata by the StepPlanner (from each sequence's block table) into
@@ -16,6 +20,9 @@ graph serves every step, and steps never recompile.
 """
 from __future__ import annotations
 
+import importlib
+import logging
+import sys
 from typing import Optional
 
 import numpy as np
@@ -27,8 +34,10 @@ from ..cache.block_manager import BlockManager
 from ..cache.kv_cache import KVCache
 from ..cache.step_plan import CascadeRule, StepPlanner
 from ..layers.metadata import AttentionMetadata
+from .cuda_graphs import DecodeGraphs
 from .sampling import sample
 from .scheduler import SchedulerOutput
+from .swap import SwapSpace
 
 MIN_SIZE = 2  # dynamic shapes specialise 0 and 1: never hand the graph a size below this
 
@@ -43,6 +52,26 @@ def _step(model, input_ids: Tensor, positions: Tensor, sample_rows: Tensor, kv_c
     return model.compute_logits(hidden.index_select(0, sample_rows))
 
 
+class _DropNoCudaRuntime(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No CUDA runtime is found" not in record.getMessage()
+
+
+def _import_cpp_extension_quietly() -> None:
+    """Inductor's C++ backend imports torch.utils.cpp_extension, whose import logs "No
+    CUDA runtime is found" on a machine with a CUDA toolkit but no GPU: true, and beside
+    the point of a CPU run. Import it first with that one message filtered out."""
+    name = "torch.utils.cpp_extension"
+    if name in sys.modules or torch.cuda.is_available():
+        return
+    logger, quiet = logging.getLogger(name), _DropNoCudaRuntime()
+    logger.addFilter(quiet)
+    try:
+        importlib.import_module(name)
+    finally:
+        logger.removeFilter(quiet)
+
+
 class CompiledStep:
     """_step under torch.compile(fullgraph=True, dynamic=True), counting the graphs made.
 
@@ -54,6 +83,8 @@ class CompiledStep:
     _by_backend: dict[str, "CompiledStep"] = {}
 
     def __init__(self, backend: str) -> None:
+        if backend == "inductor":
+            _import_cpp_extension_quietly()
         self.backend = backend
         self.num_graphs = 0
         self.fn = torch.compile(_step, fullgraph=True, dynamic=True, backend=self._compile)
@@ -82,14 +113,20 @@ class ModelRunner:
     def __init__(self, model, kv_cache: KVCache, block_manager: BlockManager, *,
                  max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
                  compile: bool = True, compile_backend: str = "inductor",
+                 swap: Optional[SwapSpace] = None, cuda_graphs: bool = False,
                  cascade: Optional[CascadeRule] = None) -> None:
         self.model = model
         self.kv_cache = kv_cache
+        self.swap = swap
         self.device = kv_cache.device
-        self.max_num_tokens = max(max_num_batched_tokens, MIN_SIZE)
-        self.max_num_rows = max(max_num_seqs, MIN_SIZE)
+        # Decode steps padded to capture sizes (replayed graphs on CUDA); None: unpadded.
+        self.graphs = DecodeGraphs(max_num_seqs, self.device) if cuda_graphs else None
+        padded = self.graphs.max_size if self.graphs is not None else 0
+        self.max_num_tokens = max(max_num_batched_tokens, MIN_SIZE, padded)
+        self.max_num_rows = max(max_num_seqs, MIN_SIZE, padded)
         bs = block_manager.block_size
-        self.planner = StepPlanner(block_manager, max_num_seqs=max(max_num_seqs + 1, MIN_SIZE),
+        self.planner = StepPlanner(block_manager,
+                                   max_num_seqs=max(max_num_seqs + 1, MIN_SIZE, padded + 1),
                                    max_num_tokens=self.max_num_tokens,
                                    max_blocks_per_seq=-(-max_model_len // bs), device=self.device,
                                    cascade=cascade)
@@ -113,8 +150,12 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> Optional[Tensor]:
         """Run one step without waiting for the device: returns the sampled tokens (int64,
         one per sampler, in scheduled order) as a device tensor, None if none sampled."""
+        if out.swap_out:  # before anything writes the blocks they leave
+            self.swap.swap_out(out.swap_out)
         if out.copies:  # copy-on-write of forked partial blocks, before anything writes
             self.kv_cache.copy_blocks(out.copies)
+        if out.swap_in:
+            self.swap.swap_in(out.swap_in)
         if self._copied is not None:
             self._copied.synchronize()  # waits for last step's input copies only
         ids, pos, rows = self._np["ids"], self._np["pos"], self._np["rows"]
@@ -130,12 +171,24 @@ class ModelRunner:
             for s in sch.samplers:
                 rows[len(samplers)] = t - 1
                 samplers.append((s.request.params, s.generator))
-        num_tokens = max(t, MIN_SIZE)
+        # A decode-shaped step (one token per sequence) is padded to its capture size:
+        # fixed shapes, so its graph replays; any other step is padded only to the
+        # MIN_SIZE the dynamic-shape graph needs.
+        graph_size = None
+        if self.graphs is not None and t == len(steps) <= self.graphs.max_size:
+            graph_size = max(self.graphs.size_for(t), MIN_SIZE)
+            if len(samplers) > graph_size:  # a prompt's last token seeding n samples
+                graph_size = None
+        if graph_size is not None:
+            num_tokens = num_rows = graph_size
+            num_seqs = graph_size + 1  # the spare row owns the padding tokens
+        else:
+            num_tokens = max(t, MIN_SIZE)
+            num_rows = max(len(samplers), MIN_SIZE)
+            num_seqs = max(len(steps) + (num_tokens > t), MIN_SIZE)
         ids[t:num_tokens] = 0
         pos[t:num_tokens] = 0
-        num_rows = max(len(samplers), MIN_SIZE)
         rows[len(samplers):num_rows] = 0
-        num_seqs = max(len(steps) + (num_tokens > t), MIN_SIZE)
         metadata = self.planner.plan(steps, num_tokens=num_tokens, num_seqs=num_seqs)
         sizes = {"ids": num_tokens, "pos": num_tokens, "rows": num_rows}
         if self._dev is not self._host:
@@ -146,11 +199,18 @@ class ModelRunner:
         self.last_metadata = metadata
         args = (self.model, self._dev["ids"][:num_tokens], self._dev["pos"][:num_tokens],
                 self._dev["rows"][:num_rows], self.kv_caches, metadata, self.kv_scales)
-        if self.compiled is not None:
-            logits, new_graphs = self.compiled(*args)
-            self.num_compiled_graphs += new_graphs
+        if graph_size is not None:
+            logits = self.graphs.run(graph_size, lambda: self._forward(args),
+                                     cascade=metadata.cascade is not None)
         else:
-            logits = _step(*args)
+            logits = self._forward(args)
         if not samplers:
             return None
         return sample(logits[:len(samplers)], samplers)
+
+    def _forward(self, args) -> Tensor:
+        if self.compiled is None:
+            return _step(*args)
+        logits, new_graphs = self.compiled(*args)
+        self.num_compiled_graphs += new_graphs
+        return logits

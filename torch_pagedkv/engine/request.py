@@ -7,23 +7,26 @@ A Sequence is what the scheduler moves between the waiting and running queues.
 While it holds cache blocks, `seq.block_table` is the BlockManager's live handle for
 it (block ids, tokens held, tokens committed); its progress, `num_computed_tokens`,
 is read from that handle, the one counter of how far its K/V are in the cache.
+A sequence preempted by swap waits with its K/V in the swap space (`seq.swapped`).
 """
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from ..cache.block_manager import BlockTable
 from .sampling import SamplingParams
+from .swap import SwappedOut
 
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"  # queued, or (a child sample) waiting for its parent's prefill
     RUNNING = "running"
-    FINISHED = "finished"
+    SWAPPED = "swapped"  # preempted by swap: waiting, its K/V in the swap space
+    FINISHED = "finished"  # done, or aborted (finish_reason "abort")
 
 
 class Sequence:
@@ -36,6 +39,7 @@ class Sequence:
         self.index = index  # sample index within its request
         self.token_ids: list[int] = list(request.prompt_token_ids)
         self.block_table: Optional[BlockTable] = None  # by allocate/fork; None when preempted
+        self.swapped: Optional[SwappedOut] = None  # while SWAPPED
         self.status = SequenceStatus.WAITING
         self.generator = generator
         self.finish_reason: Optional[str] = None
@@ -73,9 +77,11 @@ class RequestMetrics:
 
 class Request:
     def __init__(self, request_id: int, prompt_token_ids: list[int], params: SamplingParams,
-                 arrival_time: float, cache_salt: Optional[str] = None) -> None:
+                 arrival_time: float, cache_salt: Optional[str] = None,
+                 prompt: Optional[str] = None) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
+        self.prompt = prompt  # the text, when the prompt was given as text
         self.params = params
         self.arrival_time = arrival_time
         self.cache_salt = cache_salt
@@ -91,25 +97,41 @@ class Request:
 
 @dataclass
 class CompletionOutput:
-    index: int
+    index: int  # the sample's index within its request
     token_ids: list[int]
-    finish_reason: str  # "length" (max_tokens or max_model_len) or "stop"
+    finish_reason: str  # "length" (max_tokens or max_model_len), "stop", "abort"; "" running
+    text: Optional[str] = None  # the tokens decoded, when the engine has a tokenizer
 
 
 @dataclass
 class RequestOutput:
+    """A request's samples. From generate(): whole outputs. From stream(): the tokens
+    (and text) each sample gained in one step; `finished` marks the request's last one."""
+
     request_id: int
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     metrics: Optional[RequestMetrics] = None
+    prompt: Optional[str] = None
+    finished: bool = True
 
     @property
     def token_ids(self) -> list[int]:
-        """The first sample's tokens (the only one when n == 1)."""
+        """The first listed sample's tokens (the only one when n == 1)."""
         return self.outputs[0].token_ids
 
+    @property
+    def text(self) -> Optional[str]:
+        """The first listed sample's text (None without a tokenizer)."""
+        return self.outputs[0].text
+
     @classmethod
-    def of(cls, request: Request) -> "RequestOutput":
-        return cls(request.request_id, request.prompt_token_ids,
-                   [CompletionOutput(s.index, s.output_token_ids, s.finish_reason or "")
-                    for s in request.sequences], request.metrics)
+    def of(cls, request: Request,
+           decode: Optional[Callable[[list[int]], str]] = None) -> "RequestOutput":
+        outputs = []
+        for s in request.sequences:
+            ids = s.output_token_ids
+            outputs.append(CompletionOutput(s.index, ids, s.finish_reason or "",
+                                            None if decode is None else decode(ids)))
+        return cls(request.request_id, request.prompt_token_ids, outputs, request.metrics,
+                   request.prompt, request.finished)

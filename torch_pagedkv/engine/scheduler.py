@@ -11,9 +11,16 @@ Blocks: admission allocates the whole prompt (BlockManager.allocate reuses the
 cached prefix); a running sequence takes a block at each boundary when its
 sampled token is appended (BlockManager.append, with copy-on-write of a forked
 partial block). When append finds no free block, the most recently admitted
-running sequence is preempted by recompute: its blocks are freed (their
-committed full blocks stay in the prefix cache) and it goes back to the front of
-the waiting queue, tokens kept, to be recomputed as one longer prompt.
+running sequence is preempted: its blocks are freed (their committed full blocks
+stay in the prefix cache) and it goes back to the front of the waiting queue,
+tokens kept. By recompute (the default) it is readmitted as one longer prompt and
+its K/V computed again. By swap (a SwapSpace given), the blocks holding its
+computed tokens are first copied to the swap space (`out.swap_out`); on
+readmission `allocate` takes back what the prefix cache still holds and the rest
+is copied into its fresh blocks (`out.swap_in`), its committed count restored.
+When the swap space is full, that sequence falls back to recompute. A step that
+preempts admits nobody, so no step both swaps out and swaps in: the runner copies
+swap-outs before the step writes anything and swap-ins before it reads anything.
 
 Prefix-aware admission: with prefix caching on, a waiting prompt whose leading
 full blocks equal those of a running sequence that has not yet computed them
@@ -26,7 +33,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..cache.block_manager import BlockManager, NoFreeBlocksError
-from .request import Sequence, SequenceStatus
+from .request import Request, Sequence, SequenceStatus
+from .swap import SwappedOut, SwapSpace
 
 
 @dataclass
@@ -45,7 +53,10 @@ class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     admitted: list[Sequence] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    swapped: list[Sequence] = field(default_factory=list)  # of the preempted, those swapped
     copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst)
+    swap_out: list[tuple[int, int]] = field(default_factory=list)  # (cache, swap) blocks
+    swap_in: list[tuple[int, int]] = field(default_factory=list)  # (swap, cache) blocks
 
     @property
     def num_tokens(self) -> int:
@@ -62,9 +73,10 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, *, max_num_batched_tokens: int,
-                 max_num_seqs: int, max_model_len: int, enable_chunked_prefill: bool = True
-                 ) -> None:
+                 max_num_seqs: int, max_model_len: int, enable_chunked_prefill: bool = True,
+                 swap: Optional[SwapSpace] = None) -> None:
         self.block_manager = block_manager
+        self.swap = swap  # None: preemption by recompute
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
@@ -74,6 +86,23 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+
+    def abort(self, request: Request) -> None:
+        """Drop every sequence of the request wherever it is; free its blocks (committed
+        full blocks stay in the prefix cache) and its swap blocks."""
+        for seq in request.sequences:
+            if seq.status is SequenceStatus.FINISHED:
+                continue
+            if seq.status is SequenceStatus.RUNNING:
+                self.running.remove(seq)
+                self.block_manager.free(seq.seq_id)
+            elif seq in self.waiting:  # a child not yet forked is in no queue
+                self.waiting.remove(seq)
+            if seq.swapped is not None:
+                self.swap.free(seq.swapped.blocks)
+                seq.swapped = None
+            seq.status = SequenceStatus.FINISHED
+            seq.finish_reason = "abort"
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -112,12 +141,37 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
+        seq.status = SequenceStatus.WAITING
+        if self.swap is not None:
+            self._swap_out(seq, out)
         self.block_manager.free(seq.seq_id)
         seq.block_table = None
-        seq.status = SequenceStatus.WAITING
         seq.request.metrics.num_preemptions += 1
         self.waiting.insert(0, seq)
         out.preempted.append(seq)
+
+    def _swap_out(self, seq: Sequence, out: SchedulerOutput) -> None:
+        """Queue the copy of seq's computed blocks to the swap space, if they fit."""
+        computed = seq.num_computed_tokens
+        n = -(-computed // self.block_manager.block_size)
+        blocks = self.swap.allocate(n) if n else None
+        if blocks is None:
+            return  # nothing computed, or no room: recompute this one
+        out.swap_out += zip(seq.block_table.block_ids[:n], blocks)
+        seq.swapped = SwappedOut(blocks, computed)
+        seq.status = SequenceStatus.SWAPPED
+        out.swapped.append(seq)
+
+    def _swap_in(self, seq: Sequence, reused: int, out: SchedulerOutput) -> None:
+        """Copy back the swapped blocks the prefix cache did not give seq (it reused
+        `reused` tokens), and restore its committed count."""
+        saved = seq.swapped
+        first = reused // self.block_manager.block_size
+        table = seq.block_table.block_ids
+        out.swap_in += [(s, table[i]) for i, s in enumerate(saved.blocks) if i >= first]
+        self.block_manager.commit(seq.seq_id, saved.num_tokens)  # no-op if reused covers it
+        self.swap.free(saved.blocks)  # reused only after this step's copies (see docstring)
+        seq.swapped = None
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
         bm = self.block_manager
@@ -128,9 +182,9 @@ class Scheduler:
             width = 1 if req.forked else req.params.n  # its forks will run too
             if self._num_slots() + width > self.max_num_seqs:
                 break
-            if not self.enable_chunked_prefill and len(seq.token_ids) > budget:
+            if not self.enable_chunked_prefill and self._uncomputed_on_admission(seq) > budget:
                 break
-            if bm.enable_prefix_caching and self._prefix_in_flight(seq):
+            if bm.enable_prefix_caching and seq.swapped is None and self._prefix_in_flight(seq):
                 j += 1
                 continue
             try:
@@ -144,6 +198,8 @@ class Scheduler:
                 break
             del self.waiting[j]
             seq.block_table = bm.table(seq.seq_id)  # num_committed == reused
+            if seq.swapped is not None:
+                self._swap_in(seq, reused, out)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             if not req.admitted:
@@ -153,6 +209,11 @@ class Scheduler:
             out.scheduled.append(self._chunk(seq, num_new))
             out.admitted.append(seq)
             budget -= num_new
+
+    @staticmethod
+    def _uncomputed_on_admission(seq: Sequence) -> int:
+        """Tokens seq will compute once admitted (at most: the prefix cache may hold more)."""
+        return len(seq.token_ids) - (seq.swapped.num_tokens if seq.swapped else 0)
 
     def _num_slots(self) -> int:
         """Running sequences, counting the forks an unforked parent will make."""

@@ -11,7 +11,11 @@ class EngineStats:
     num_decode_tokens: int = 0
     prefill_time_s: float = 0.0  # wall time of steps that computed prefill tokens
     decode_time_s: float = 0.0  # wall time of decode-only steps
-    num_preemptions: int = 0
+    num_preemptions: int = 0  # sequences preempted, by swap or by recompute
+    num_swapped_out: int = 0  # of which swapped out (the rest are recomputed)
+    num_swapped_out_blocks: int = 0  # cache blocks copied to the swap space
+    num_swapped_in_blocks: int = 0  # swap blocks copied back into the cache
+    num_aborted: int = 0  # requests aborted while unfinished
     num_cow_copies: int = 0  # copy-on-write block copies (forks)
     num_cascade_steps: int = 0  # steps whose attention read shared prefixes once (cascade)
     peak_blocks_used: int = 0  # most blocks referenced by live sequences at once

@@ -29,10 +29,12 @@ except ImportError as e:  # the extra is optional: `import torch_pagedkv` never 
 
 from .hf_attention import ATTN_IMPLEMENTATION, attention_forward, padding_mask
 from .hf_cache import PagedCache
-from .hf_model import HFPagedModel, PagedStep, as_paged_model
+from .hf_model import (HFPagedModel, PagedStep, UnsupportedModelError, as_paged_model,
+                       unsupported_reason)
 
 __all__ = ["ATTN_IMPLEMENTATION", "HFPagedModel", "PagedCache", "PagedStep",
-           "as_paged_model", "attention_forward", "padding_mask", "register"]
+           "UnsupportedModelError", "as_paged_model", "attention_forward", "padding_mask",
+           "register", "unsupported_reason"]
 
 
 def register() -> None:

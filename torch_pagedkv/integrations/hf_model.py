@@ -10,6 +10,11 @@ with the engine's AttentionMetadata (planned by the engine's StepPlanner). Seque
 each other: paged_attention keeps each to its own blocks. Everything model-specific
 (embedding scale, norms, per-layer windows, softcaps, biases) stays HF's own code, so
 prefix caching, chunked prefill and preemption come from the engine unchanged.
+
+What cannot be routed is refused up front (`unsupported_reason`), before anything runs:
+a model whose attention does not go through transformers' AttentionInterface would keep
+running its own attention over no cache and generate other tokens, silently; layer
+kinds and attention variants the kernels do not implement would too.
 """
 from __future__ import annotations
 
@@ -52,17 +57,60 @@ class PagedStep:
         return out.unsqueeze(0)
 
 
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+class UnsupportedModelError(ValueError, NotImplementedError):
+    """A transformers model whose attention cannot run on the pagedkv kernels: both a
+    ValueError (a model the engine cannot take) and a NotImplementedError (what its
+    attention needs is not implemented here), so either except catches it."""
+
+
+def unsupported_reason(hf_model: nn.Module) -> Optional[str]:
+    """Why the adapter cannot route the model's attention through write_and_attend,
+    or None when it can."""
+    cls = type(hf_model)
+    cfg = text_config(hf_model.config)
+    if getattr(hf_model.config, "is_encoder_decoder", False):
+        return "it is an encoder-decoder model; the engine runs decoder-only causal LMs"
+    kinds = sorted(set(getattr(cfg, "layer_types", None) or ()) - set(SUPPORTED_LAYER_TYPES))
+    if kinds:
+        return (f"it has {', '.join(kinds)} layers; the pagedkv kernels implement "
+                f"{' and '.join(SUPPORTED_LAYER_TYPES)} only")
+    if getattr(cfg, "kv_lora_rank", None):
+        return ("it uses multi-head latent attention (kv_lora_rank), whose cached latent "
+                "and separate value head size the paged cache does not hold")
+    if getattr(cfg, "alibi", False) or getattr(cfg, "position_embedding_type", "") == "alibi":
+        return "it uses ALiBi position biases, which the HF adapter does not pass to the kernels"
+    if any(name.rsplit(".", 1)[-1] == "sinks" for name, _ in hf_model.named_parameters()):
+        return ("its attention has learned sinks (an extra logit per head in the softmax), "
+                "which the pagedkv kernels do not implement")
+    if not (cls._can_set_attn_implementation() and cls._supports_attention_backend):
+        return ("its attention does not go through transformers' AttentionInterface "
+                "(transformers does not support setting its attention implementation "
+                "dynamically), so it would keep running its own attention")
+    return None
+
+
 class HFPagedModel(nn.Module):
     """Adapts a transformers *ForCausalLM to the PagedModel protocol."""
 
     def __init__(self, hf_model: nn.Module) -> None:
         super().__init__()
+        reason = unsupported_reason(hf_model)
+        if reason is not None:
+            raise UnsupportedModelError(
+                f"{type(hf_model).__name__} cannot run on torch_pagedkv: {reason}. The "
+                "families tested token for token against transformers are listed in the "
+                "README (Hugging Face models)")
         config = hf_model.config
-        if getattr(config, "is_encoder_decoder", False):
-            raise ValueError("as_paged_model takes a decoder-only causal LM, got an "
-                             f"encoder-decoder {type(hf_model).__name__}")
         if config._attn_implementation != ATTN_IMPLEMENTATION:
             hf_model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        if config._attn_implementation != ATTN_IMPLEMENTATION:  # transformers declined
+            raise UnsupportedModelError(
+                f"{type(hf_model).__name__} cannot run on torch_pagedkv: transformers kept "
+                f"its attention implementation {config._attn_implementation!r} instead of "
+                f"{ATTN_IMPLEMENTATION!r}")
         self.hf_model = hf_model.eval()
         cfg = text_config(config)
         self.num_layers, self.num_kv_heads, self.head_size = kv_geometry(cfg)
@@ -102,5 +150,6 @@ class HFPagedModel(nn.Module):
 def as_paged_model(hf_model: nn.Module) -> HFPagedModel:
     """A transformers causal LM as a PagedModel for torch_pagedkv.engine.LLM. Switches
     the model's attention implementation to "pagedkv" (HF's own generate keeps working
-    on it, through the same kernels)."""
+    on it, through the same kernels). Raises UnsupportedModelError, naming the model
+    class and the reason, for a model whose attention it cannot route there."""
     return HFPagedModel(hf_model)
