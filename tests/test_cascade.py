@@ -185,7 +185,7 @@ def cascade_step(groups, loners, block_size, device, pad=0, seed=0):
     """A step of prefix_group_rows planned with ALWAYS_CASCADE (and `pad` padding tokens):
     (its metadata, the cache blocks it needs)."""
     rows, used = prefix_group_rows(groups, loners, block_size, seed)
-    width = max(len(ids) for ids, _, _ in rows) + 1
+    width = max([len(ids) for ids, _, _ in rows] + [-(-pad // block_size)]) + 1
     tokens = sum(n for _, _, n in rows)
     planner = StepPlanner(block_size, max_num_seqs=len(rows) + 1,
                           max_num_tokens=max(tokens + pad, 1), max_blocks_per_seq=width,

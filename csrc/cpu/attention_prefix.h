@@ -4,9 +4,9 @@
 // read from memory once and packed once for the whole tile, a chunk of up to 64 keys
 // (several blocks) at a time, and the tile runs matrix-style instead of as a loop of
 // decodes, with one online-softmax update per chunk:
-//   scores: outer products of each query vector with the block's keys, laid out
+//   scores: outer products of each query vector with the chunk's keys, laid out
 //           d-major (one vector of keys per head dimension): no horizontal sums;
-//   values: the block's V rows, widened once, against every vector's probabilities.
+//   values: the chunk's V rows, widened once, against every vector's probabilities.
 // With bf16 queries and cache (AVX-512 BF16) both products use vdpbf16ps on packed
 // pairs: keys packed as (k[d], k[d+1]) per key, values as (v_j[d], v_j+1[d]) per
 // dimension, and the probabilities rounded to bf16 for P.V as GPU flash-attention
@@ -34,7 +34,8 @@ inline bool is_prefix_tile(const AttnArgs& a, const WorkItem& it) {
          (it.row_end - it.row_begin) * group >= kPrefixMinVectors;
 }
 
-// Runs f(v0, Int<r>) over row groups of R vectors, then the remainder (1..R-1) at once.
+// Runs f(i0, Int<r>) over groups of R of n items (query vectors, key vectors), then the
+// remainder (1..R-1) at once.
 template <int R, typename F>
 inline void for_row_groups(int nv, F&& f) {
   int v = 0;
@@ -164,15 +165,11 @@ inline void pv_pairs(float* acc, int64_t DP, const uint32_t* pw, int64_t PW, con
 }
 #endif
 
-// Runs f(c0, Int<nc>) over the key vectors [0, SP / W) of a chunk, NC at a time.
+// Runs f(c0, Int<nc>) over the SP / W vectors of W keys (or dims) of a row, NC at a time;
+// c0 is the first key of a group.
 template <int NC, typename F>
 inline void for_key_groups(int64_t SP, int W, F&& f) {
-  int64_t c0 = 0;
-  for (; c0 + NC * W <= SP; c0 += NC * W) f(c0, std::integral_constant<int, NC>{});
-  const int rest = int((SP - c0) / W);
-  [&]<int... I>(std::integer_sequence<int, I...>) {
-    ((rest == I + 1 ? f(c0, std::integral_constant<int, I + 1>{}) : void()), ...);
-  }(std::make_integer_sequence<int, NC - 1>{});
+  for_row_groups<NC>(int(SP / W), [&](int c, auto nc) { f(int64_t(c) * W, nc); });
 }
 
 template <typename q_t, typename cache_t, int HEAD, int BLOCK>
@@ -214,10 +211,11 @@ void attention_prefix_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it,
     scratch.bf16.resize(size_t(NV) * DQ + size_t(SP / 2) * VP);
     scratch.u32.resize(size_t(D / 2) * SP + size_t(NV) * PW);
   }
-  uint16_t* qb = scratch.bf16.data();
-  uint16_t* vp = qb + NV * DQ;
-  uint32_t* kp = scratch.u32.data();
-  uint32_t* pw = kp + (D / 2) * SP;
+  // bf16 buffers, used only by the vdpbf16ps path (AVX-512 BF16 builds).
+  [[maybe_unused]] uint16_t* qb = scratch.bf16.data();
+  [[maybe_unused]] uint16_t* vp = qb + NV * DQ;
+  [[maybe_unused]] uint32_t* kp = scratch.u32.data();
+  [[maybe_unused]] uint32_t* pw = kp + (D / 2) * SP;
 
   const float qmul = a.scale * a.k_scale;
   for (int v = 0; v < NV; ++v) {
