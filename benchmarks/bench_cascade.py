@@ -10,8 +10,9 @@ find where cascade starts to pay (AUTO_CASCADE in cache/step_plan.py cites it);
 it plus cascade (the demo's own table, run here with a longer decode phase).
 Every variant is timed in interleaved rounds; ratios are of per-round medians.
 
-    python -m benchmarks.bench_cascade [--rounds N] [--threads T] [--no-sweep] [--no-demo]
-                                       [--demo-max-tokens N] [--json] [--write-results]
+    python -m benchmarks.bench_cascade [--rounds N] [--repeats N] [--threads T] [--no-sweep]
+                                       [--no-demo] [--demo-max-tokens N] [--json]
+                                       [--write-results]
 """
 from __future__ import annotations
 
@@ -132,15 +133,37 @@ def own_tokens(n, seed):
     return [rng.randint(OWN_MIN, OWN_MAX) for _ in range(n)]
 
 
-def case(name, group_sizes, dtype, rounds):
+def case(name, group_sizes, dtype, rounds, repeats):
+    """The case timed `repeats` times (interleaved rounds each); the run with the median
+    speedup, and the range of all."""
     step = decode_step(group_sizes, PREFIX, own_tokens(SEQS, 1), dtype)
     err, fns = variants(step, 1.0 / math.sqrt(HEAD))
-    t = interleaved(fns, rounds)
+    runs = sorted((interleaved(fns, rounds) for _ in range(repeats)),
+                  key=lambda t: t["plain"] / t["cascade"])
+    t = runs[len(runs) // 2]
     return dict(case=name, dtype=str(dtype).removeprefix("torch."), groups=len(group_sizes),
                 max_abs_err=err, ms={k: v * 1e3 for k, v in t.items()},
                 speedup=t["plain"] / t["cascade"],
+                speedup_range=[r["plain"] / r["cascade"] for r in (runs[0], runs[-1])],
                 bytes_bound=step["plain_bytes"] / step["cascade_bytes"],
                 plain_gbps=step["plain_bytes"] / t["plain"] / 1e9)
+
+
+def cases(threads, args) -> list[dict]:
+    """(a) and (b) in both dtypes at `threads` threads, printed as they finish."""
+    torch.set_num_threads(threads)
+    out = []
+    for dtype in (torch.bfloat16, torch.float32):
+        for name, groups in (("(a) one group", [SEQS]), ("(b) three groups", [22, 21, 21])):
+            r = dict(case(name, groups, dtype, args.rounds, args.repeats), threads=threads)
+            out.append(r)
+            print(f"{threads}t {r['case']:18} {r['dtype']:9} plain {r['ms']['plain']:7.2f} ms  "
+                  f"cascade {r['ms']['cascade']:7.2f} ms  speedup {r['speedup']:.2f}x "
+                  f"[{r['speedup_range'][0]:.2f}-{r['speedup_range'][1]:.2f}] (bytes bound "
+                  f"{r['bytes_bound']:.2f}x)  prefix {r['ms']['prefix pass']:.2f} ms  suffix "
+                  f"{r['ms']['suffix pass']:.2f} ms  not shared "
+                  f"{r['ms']['plain, not shared']:.2f} ms", flush=True)
+    return out
 
 
 def sweep(dtype, rounds, sizes=(4, 8, 16, 32, 64), prefixes=(64, 128, 256, 512, 1024)):
@@ -190,11 +213,12 @@ def run_demo(max_tokens: int) -> dict:
 
 def markdown(results, sweeps, demo, args, load) -> str:
     lines = [
-        f"Command: `python -m benchmarks.bench_cascade --rounds {args.rounds} --sweep-rounds "
+        f"Command: `python -m benchmarks.bench_cascade --rounds {args.rounds} --repeats "
+        f"{args.repeats} --sweep-rounds "
         f"{args.sweep_rounds} --threads {args.threads} --demo-max-tokens "
         f"{args.demo_max_tokens} --write-results`",
         "",
-        f"Device: cpu, torch {torch.__version__}, {args.threads} threads; 1-minute load "
+        f"Device: cpu, torch {torch.__version__}, {args.threads} threads (and 1); 1-minute load "
         f"average {load[0]:.1f} at the start, {load[1]:.1f} at the end (other developers' "
         "builds share the machine). One decode step: "
         f"{SEQS} sequences, each {OWN_MIN}-{OWN_MAX} tokens of its own after a "
@@ -202,18 +226,21 @@ def markdown(results, sweeps, demo, args, load) -> str:
         "median ms of interleaved rounds. `plain`: paged_attention over the whole "
         "sequences; `cascade`: the layer's cascade_attention (query gather, prefix pass, "
         "suffix pass, merge, restore) on the StepPlanner's metadata; the two passes also "
-        "alone. Bytes bound: K/V bytes plain reads / bytes cascade reads.",
+        "alone. Bytes bound: K/V bytes plain reads / bytes cascade reads. Each case is timed "
+        f"{args.repeats} times ({args.rounds} interleaved rounds each): the run with the "
+        "median speedup, and in brackets the range of all runs.",
         "",
-        "| case | dtype | plain ms | cascade ms | **speedup** | bytes bound | prefix pass ms "
-        "| suffix pass ms | plain, not shared ms | plain GB/s | max abs err "
+        "| case | dtype | threads | plain ms | cascade ms | **speedup** [range] | bytes bound "
+        "| prefix pass ms | suffix pass ms | plain, not shared ms | plain GB/s | max abs err "
         "| plan µs plain / cascade |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         ms = r["ms"]
         lines.append(
-            f"| {r['case']} | {r['dtype']} | {ms['plain']:.2f} | {ms['cascade']:.2f} | "
-            f"**{r['speedup']:.2f}x** | {r['bytes_bound']:.2f}x | {ms['prefix pass']:.2f} | "
+            f"| {r['case']} | {r['dtype']} | {r['threads']} | {ms['plain']:.2f} | {ms['cascade']:.2f} | "
+            f"**{r['speedup']:.2f}x** [{r['speedup_range'][0]:.2f}-{r['speedup_range'][1]:.2f}] | "
+            f"{r['bytes_bound']:.2f}x | {ms['prefix pass']:.2f} | "
             f"{ms['suffix pass']:.2f} | {ms['plain, not shared']:.2f} | {r['plain_gbps']:.1f} | "
             f"{r['max_abs_err']:.1e} | "
             f"{ms['plan (host)'] * 1e3:.0f} / {ms['plan with cascade (host)'] * 1e3:.0f} |")
@@ -250,6 +277,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed runs per case (a), (b); the median one is reported")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--sweep-rounds", type=int, default=7)
     p.add_argument("--no-sweep", action="store_true")
@@ -260,16 +289,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     load0 = _load()
+    # Also one thread: a neighbour's busy core stalls every parallel region of a 2-thread
+    # run on a shared machine, while a 1-thread run keeps its own core.
     results = []
-    for dtype in (torch.bfloat16, torch.float32):
-        results.append(case("(a) one group", [SEQS], dtype, args.rounds))
-        results.append(case("(b) three groups", [22, 21, 21], dtype, args.rounds))
-        for r in results[-2:]:
-            print(f"{r['case']:18} {r['dtype']:9} plain {r['ms']['plain']:7.2f} ms  cascade "
-                  f"{r['ms']['cascade']:7.2f} ms  speedup {r['speedup']:.2f}x (bytes bound "
-                  f"{r['bytes_bound']:.2f}x)  prefix {r['ms']['prefix pass']:.2f} ms  suffix "
-                  f"{r['ms']['suffix pass']:.2f} ms  not shared {r['ms']['plain, not shared']:.2f} ms",
-                  flush=True)
+    for threads in sorted({args.threads, 1}, reverse=True):
+        results += cases(threads, args)
+    torch.set_num_threads(args.threads)
     sweeps = {}
     if not args.no_sweep:
         for dtype in (torch.bfloat16, torch.float32):
