@@ -181,7 +181,6 @@ class StepPlanner:
         self.max_num_tokens = max_num_tokens
         self.max_blocks_per_seq = max_blocks_per_seq
         self.device = torch.device(device)
-        on_device = self.device.type != "cpu"
         pin = pin_memory and self.device.type == "cuda" and torch.cuda.is_available()
 
         def host(*shape: int, dtype: torch.dtype) -> torch.Tensor:
@@ -193,11 +192,7 @@ class StepPlanner:
             host(max_num_seqs, dtype=torch.int32),
             host(max_num_seqs + 1, dtype=torch.int32),
         )
-        self._dev = (
-            tuple(torch.zeros_like(t, device=self.device) for t in self._host)
-            if on_device
-            else self._host
-        )
+        self._dev = self._on_device(self._host)
         # numpy views share the host memory: element writes without tensor ops.
         self._slot, self._table, self._lens, self._qsl = (t.numpy() for t in self._host)
         # Cascade buffers: query order and restore [tokens], prefix table / lens / qsl
@@ -216,17 +211,19 @@ class StepPlanner:
                 host(max_num_seqs, dtype=torch.int32),
                 host(max_num_seqs + 1, dtype=torch.int32),
             )
-            self._cascade_dev = (
-                tuple(torch.zeros_like(t, device=self.device) for t in self._cascade_host)
-                if on_device
-                else self._cascade_host
-            )
+            self._cascade_dev = self._on_device(self._cascade_host)
             self._cascade_np = tuple(t.numpy() for t in self._cascade_host)
         max_len = max_blocks_per_seq * self.block_size
         self._positions = np.arange(max_len, dtype=np.int64)
         # The next plan must not overwrite host memory an in-flight copy reads.
         self._copied = torch.cuda.Event() if pin else None
         self._copy_pending = False
+
+    def _on_device(self, host: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """The device twins of host buffers (the host buffers themselves on the CPU)."""
+        if self.device.type == "cpu":
+            return host
+        return tuple(torch.zeros_like(t, device=self.device) for t in host)
 
     def _blocks_of(self, blocks: Blocks) -> tuple[Sequence[int], int]:
         """(block ids, tokens the sequence holds) of a row's ``blocks``."""
