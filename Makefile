@@ -42,9 +42,14 @@ env: .venv/.checkout-ready-$(REQ_HASH)
 	@touch $@
 	@echo "environment ready: .venv (the pagedkv command is .venv/bin/pagedkv)"
 
-build: env torch_pagedkv/_C.stamp
+# The stamp's name carries the build key, so changing a build setting (PAGEDKV_CUDA=0, the
+# ISA, the arch list) rebuilds or reuses the matching library, never keeps the last one.
+STAMP := torch_pagedkv/_C-$(BUILD_KEY).stamp
 
-torch_pagedkv/_C.stamp: $(SOURCES) .venv/.checkout-ready-$(REQ_HASH)
+build: env $(STAMP)
+
+$(STAMP): $(SOURCES) .venv/.checkout-ready-$(REQ_HASH)
+	@rm -f torch_pagedkv/_C*.stamp
 	@if [ "$(PAGEDKV_BUILD_CACHE)" != 0 ] && [ -f $(LIB_CACHE)/.complete ]; then \
 	  echo "reusing the library built from these exact sources ($(LIB_CACHE))"; \
 	  rm -f torch_pagedkv/_C*.so && cp $(LIB_CACHE)/_C* torch_pagedkv/; \
@@ -66,4 +71,4 @@ bench: build
 	set -e; for b in benchmarks/bench_*.py; do m=benchmarks.$$(basename $$b .py); echo "== $$m"; $(PY) -m $$m; done
 
 clean:
-	rm -rf build torch_pagedkv/*.so torch_pagedkv/_C.stamp
+	rm -rf build torch_pagedkv/*.so torch_pagedkv/_C*.stamp
