@@ -4,6 +4,7 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <string>
 #include <vector>
 
 namespace pagedkv {
@@ -16,7 +17,7 @@ struct Knob {
   std::atomic<int> value{0};
 };
 
-enum KnobId { kGenericKernels, kAttentionPath, kDebug, kNumKnobs };
+enum KnobId { kGenericKernels, kAttentionPath, kDebug, kDecodeSplits, kNumKnobs };
 
 bool is_flag(const Knob& k) { return k.values == std::vector<std::string>{"0", "1"}; }
 
@@ -39,6 +40,7 @@ Knob* knobs() {
       {"generic_kernels", "PAGEDKV_GENERIC_KERNELS", {"0", "1"}},
       {"attention_path", "PAGEDKV_ATTENTION_PATH", {"auto", "decode", "prefill"}},
       {"debug", "PAGEDKV_DEBUG", {"0", "1"}},
+      {"decode_splits", "PAGEDKV_DECODE_SPLITS", {"auto", "1", "2", "3", "4", "8", "16"}},
   };
   // A function-local static's initializer runs once, thread-safely: the environment is
   // read at the first knob access and never again.
@@ -63,6 +65,10 @@ std::string joined(const std::vector<std::string>& names) {
 bool generic_kernels_forced() { return read(kGenericKernels) == 1; }
 bool debug_checks_enabled() { return read(kDebug) == 1; }
 AttentionPath attention_path() { return AttentionPath(read(kAttentionPath)); }
+int decode_splits_cap() {
+  const int i = read(kDecodeSplits);
+  return i == 0 ? 0 : std::stoi(knobs()[kDecodeSplits].values[i]);
+}
 
 std::string set_knob(const std::string& name, const std::string& value) {
   const char* op = "_set_knob";

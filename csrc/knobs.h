@@ -18,6 +18,10 @@ bool generic_kernels_forced();
 AttentionPath attention_path();
 // PAGEDKV_DEBUG=1: the CUDA glue also runs the host-side index range checks.
 bool debug_checks_enabled();
+// PAGEDKV_DECODE_SPLITS=1|2|3|4|8|16: at most this many split-K decode CTAs per (row, kv
+// head chunk), so each walks several partitions (tests cover that loop on small shapes);
+// 0 (auto): decode_plan decides.
+int decode_splits_cap();
 
 // Sets knob `name` from its string form; returns the previous value in the same form.
 // Raises RuntimeError on an unknown name or value.

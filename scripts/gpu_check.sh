@@ -79,7 +79,7 @@ TIMEOUT_OPT=""
 "$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_OPT="--timeout=60"
 # Every CUDA case: the CUDA-only files and the [cuda] cases of the device-parametrized ones.
 step "pytest (cuda)" 120 "$OUT/pytest.log" "$PY" -m pytest -q -rfE $TIMEOUT_OPT --durations=15 \
-  -p no:cacheprovider tests/ -k "cuda or launch_config" \
+  -p no:cacheprovider tests/ -k "cuda or launch_config or decode_plan" \
   --ignore=tests/test_cuda_graphs.py \
   --ignore=tests/test_decode_graphs.py
 cp "$OUT/pytest.log" "$LOGS/pytest.log"
@@ -88,7 +88,8 @@ cp "$OUT/pytest.log" "$LOGS/pytest.log"
 step "pytest (cuda graphs)" 60 "$LOGS/graphs.log" "$PY" -m pytest -q -rfE $TIMEOUT_OPT \
   --durations=5 -p no:cacheprovider tests/test_cuda_graphs.py tests/test_decode_graphs.py
 
-# memcheck over a subset (bad metadata, partition edges, fp8 writes, copies, swaps), the
+# memcheck over a subset (bad metadata, partition edges, splits walking many partitions,
+# mixed batches through both kernels, fp8 writes, copies, swaps), the
 # caching allocator off so an out-of-bounds access hits a real allocation edge.
 SANITIZER=$(command -v compute-sanitizer || ls "$CUDA_HOME"/compute-sanitizer/compute-sanitizer \
             "$CUDA_HOME"/bin/compute-sanitizer 2>/dev/null | head -n 1)
@@ -96,7 +97,7 @@ if [ -n "$SANITIZER" ]; then
   step memcheck 45 "$LOGS/memcheck.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
     "$SANITIZER" --tool memcheck --error-exitcode 3 --print-limit 30 \
     "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_ops.py -k \
-    "never_fault or (partition_edges and 64 and 65) or (many_layers and 97) or (swap_blocks and bfloat16)"
+    "never_fault or (partition_edges and 64 and 65) or (splits_walking and 64 and 3 and 150) or (mixed_batches_send and bf16 and 2) or (many_layers and 97) or (swap_blocks and bfloat16)"
 else
   echo "memcheck                     NOT-FOUND" | tee -a "$OUT/summary.txt"
 fi

@@ -131,6 +131,78 @@ def test_decode_partition_edges(configs, partition_size, window):
     assert_matches(out, expected(batch, sliding_window=window), torch.float32)
 
 
+@pytest.mark.parametrize("splits", ["1", "2", "3", "16"])
+@pytest.mark.parametrize("partition_size", [64, 256])
+@pytest.mark.parametrize("window", [-1, 150])
+def test_decode_splits_walking_many_partitions(configs, splits, partition_size, window):
+    """With few splits, each split-K CTA walks several partitions (first + s, first + s +
+    splits, ...), carrying a running max and sum across them: rows of 1 to ~12
+    partitions, windows starting mid-row, fp32 against the reference."""
+    P = partition_size
+    lens = [1, P - 1, P + 1, 2 * P, 3 * P + 5, 7 * P + 3, 12 * P - 1, 40]
+    configs(64, torch.float32, 16, partition_size=P)
+    batch = make_batch([(1, n) for n in lens], 8, 2, 64, 16, torch.float32, device="cuda",
+                       columns=-(-max(lens) // 16) + 3, seed=int(splits))
+    with knobs.override(decode_splits=splits):
+        out = attend(batch, "decode", sliding_window=window)
+        lse_out, lse = attend_lse(batch, "decode", True, sliding_window=window)
+    assert_matches(out, expected(batch, sliding_window=window), torch.float32)
+    assert_lse_matches(batch, lse_out, lse, torch.float32, True, sliding_window=window)
+
+
+@pytest.mark.parametrize("splits", ["auto", "2"])
+@pytest.mark.parametrize("dtype,cache_dtype", [(torch.bfloat16, None), (torch.float32, None),
+                                               (torch.float16, torch.float8_e4m3fn)],
+                         ids=["bf16", "fp32", "f16-fp8"])
+def test_mixed_batches_send_decode_rows_to_split_k(configs, splits, dtype, cache_dtype):
+    """A chunked-prefill batch (more query rows than sequences): sequences with one query
+    row go to the split-K decode kernel, the others to the prefill kernel, in one call;
+    long decode rows (up to ~70 partitions of 64 keys) next to prefill chunks, an empty
+    sequence, a one-token sequence; the result equals the reference and both forced
+    kernels."""
+    configs(128, cache_dtype or dtype, 16, partition_size=64)
+    seqs = [(1, 4500), (37, 600), (1, 1), (0, 5), (1, 3000), (130, 130), (1, 65), (2, 900)]
+    batch = make_batch(seqs, 16, 4, 128, 16, dtype, cache_dtype, device="cuda", seed=7)
+    ref = expected(batch)
+    with knobs.override(decode_splits=splits):
+        out = attend(batch)
+        assert_matches(out, ref, dtype)
+        for causal in (True, False):
+            lse_out, lse = attend_lse(batch, "auto", causal)
+            assert_lse_matches(batch, lse_out, lse, dtype, causal)
+    for path in PATHS:
+        assert_matches(attend(batch, path), ref, dtype)
+
+
+@pytest.mark.parametrize("feature", [dict(sliding_window=100), dict(softcap=3.0),
+                                     dict(alibi_slopes=True)])
+def test_mixed_batch_features(feature):
+    batch = make_batch([(1, 2500), (40, 900), (1, 3), (9, 9), (1, 1100)], 16, 4, 128, 16,
+                       torch.bfloat16, device="cuda", seed=5)
+    kw = dict(feature)
+    if kw.pop("alibi_slopes", False):
+        kw["alibi_slopes"] = torch.rand(16, generator=torch.Generator().manual_seed(2)).cuda()
+    assert_matches(attend(batch, **kw), expected(batch, **kw), torch.bfloat16)
+
+
+def test_decode_scratch_does_not_grow_with_the_table_width():
+    """The split-K scratch is sized by decode_plan (device and batch), not by the block
+    table's width: 64 decode rows x 32 heads over a 128k-token-wide table used to take
+    64 x 32 x 256 partitions x 130 floats = 272 MB per call."""
+    batch = make_batch([(1, 40 + 37 * i) for i in range(64)], 32, 8, 128, 16, torch.bfloat16,
+                       device="cuda", columns=8192, seed=4)
+    ref = expected(batch)
+    attend(batch)  # warm-up: the caching allocator and the launch-config table
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = attend(batch)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra <= (64 << 20) + 2 * out.numel() * out.element_size(), extra
+    assert_matches(out, ref, torch.bfloat16)
+
+
 @pytest.mark.parametrize("decode_threads", [64, 128, 256])
 @pytest.mark.parametrize("partition_size", [64, 256, 512, 1024])
 @pytest.mark.parametrize("prefill_threads", [64, 128, 256])

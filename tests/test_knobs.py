@@ -18,7 +18,7 @@ from paged_inputs import ATOL, make_batch
 
 def current(name: str) -> str:
     """A knob's value: set_knob is the only accessor, so set any value and put it back."""
-    value = knobs.set_knob(name, "auto" if name == "attention_path" else "0")
+    value = knobs.set_knob(name, "auto" if name in ("attention_path", "decode_splits") else "0")
     knobs.set_knob(name, value)
     return value
 
@@ -43,9 +43,11 @@ def test_a_flag_takes_a_bool_or_its_string_and_reports_the_string():
 
 def test_override_sets_then_restores_nested():
     before = {name: current(name) for name in knobs.KNOBS}
-    with knobs.override(generic_kernels=True, attention_path="decode", debug=True):
+    with knobs.override(generic_kernels=True, attention_path="decode", debug=True,
+                        decode_splits="3"):
         assert {name: current(name) for name in knobs.KNOBS} == \
-            {"generic_kernels": "1", "attention_path": "decode", "debug": "1"}
+            {"generic_kernels": "1", "attention_path": "decode", "debug": "1",
+             "decode_splits": "3"}
         with knobs.override(attention_path="prefill"):
             assert current("attention_path") == "prefill"
         assert current("attention_path") == "decode"
@@ -66,7 +68,9 @@ def test_override_restores_after_an_error_inside_or_a_bad_value():
 
 @pytest.mark.parametrize("name,value,message", [
     ("generic", "1", "_set_knob: name must be one of generic_kernels, attention_path, debug, "
-                     "got 'generic'"),
+                     "decode_splits, got 'generic'"),
+    ("decode_splits", "5", "_set_knob: value of decode_splits must be one of auto, 1, 2, 3, 4, "
+                           "8, 16, got '5'"),
     ("generic_kernels", "yes", "_set_knob: value of generic_kernels must be one of 0, 1, "
                                "got 'yes'"),
     ("attention_path", "Decode", "_set_knob: value of attention_path must be one of auto, "

@@ -33,6 +33,9 @@ PAGEDKV_ATTENTION_PATH     attention_path   auto (default), decode or prefill: f
                                             CUDA attention kernel whatever the batch
 PAGEDKV_DEBUG              debug            on: the CUDA ops also range-check the metadata
                                             on the host (a synchronization per call)
+PAGEDKV_DECODE_SPLITS      decode_splits    auto (default), 1, 2, 3, 4, 8 or 16: at most
+                                            this many split-K decode CTAs per row and kv
+                                            head, each walking several partitions
 =========================  ===============  ================================================
 
 A flag variable is on when it is set, non-empty and not "0".
@@ -49,11 +52,11 @@ import torch
 
 from . import _load  # noqa: F401  (defines torch.ops.pagedkv._set_knob)
 
-KNOBS = ("generic_kernels", "attention_path", "debug")
+KNOBS = ("generic_kernels", "attention_path", "debug", "decode_splits")
 
 
 def set_knob(name: str, value: bool | str) -> str:
-    """Sets a kernel knob (a bool for a flag, a string for attention_path) and returns its
+    """Sets a kernel knob (a bool for a flag, a string otherwise) and returns its
     previous value as a string ("0"/"1" for a flag). Raises RuntimeError on an unknown
     name or value."""
     if isinstance(value, bool):

@@ -1,8 +1,8 @@
 // paged_attention, paged_attention_lse and merge_attn_states, CUDA backend: validate on
 // the host (shapes, dtypes, devices, strides; index ranges only in debug mode), choose the
-// decode or prefill kernel from shapes alone, size the split-K scratch from shapes alone,
-// launch on the current stream. Nothing here reads metadata values, so the ops are
-// capturable by CUDA graphs.
+// decode and/or prefill kernel from shapes alone, size the split-K scratch from shapes and
+// the device alone (bounded: decode_plan), launch on the current stream. Nothing here
+// reads metadata values, so the ops are capturable by CUDA graphs.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -19,16 +19,19 @@
 namespace pagedkv::cuda {
 namespace {
 
-// Which kernel serves a batch. Decode (one CTA row per query row, split-K over the keys)
-// is right when there is at most one query row per sequence on average; otherwise the
-// prefill kernel shares each K/V tile across a tile of rows. Both kernels are correct
-// for any batch, so the choice depends on shapes only. The attention_path knob forces one
-// (tests cross-check the two).
-bool use_decode_path(int64_t num_q_tokens, int64_t num_seqs) {
+// Which kernels serve a batch, from shapes alone. Decode (one CTA row per query row,
+// split-K over the keys) serves a batch with at most one query row per sequence on
+// average. Otherwise the prefill kernel shares each K/V tile across a tile of rows, and
+// the sequences with a single query row (decodes inside a chunked-prefill batch) go to
+// the split-K decode kernel, so a long context is not walked by one CTA per kv head.
+// Both kernels are correct for any batch; the attention_path knob sends the whole batch
+// to one of them (tests cross-check the two).
+enum class Route { kDecode, kPrefill, kMixed };
+Route route(int64_t num_q_tokens, int64_t num_seqs) {
   switch (attention_path()) {
-    case AttentionPath::kDecode: return true;
-    case AttentionPath::kPrefill: return false;
-    default: return num_q_tokens <= num_seqs;
+    case AttentionPath::kDecode: return Route::kDecode;
+    case AttentionPath::kPrefill: return Route::kPrefill;
+    default: return num_q_tokens <= num_seqs ? Route::kDecode : Route::kMixed;
   }
 }
 
@@ -120,24 +123,9 @@ void run_attention(const char* op, const AttentionDims& d, const at::Tensor& que
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   cudaError_t err = cudaSuccess;
 
-  if (use_decode_path(d.num_q_tokens, d.num_seqs)) {
-    const int64_t parts = decode_num_partitions(p, cfg.partition_size);
-    TORCH_CHECK(parts <= 65535, op, ": max_blocks_per_seq * block_size = ",
-                int64_t(p.max_blocks_per_seq) * p.block_size, " needs ", parts,
-                " partitions of ", cfg.partition_size, " keys; at most 65535 are supported");
-    DecodeScratch s{nullptr, nullptr, nullptr};
-    at::Tensor scratch;
-    if (parts > 1) {  // sized from shapes: every partition of every (row, head)
-      const int64_t slots = d.num_q_tokens * d.num_heads * parts;
-      scratch = at::empty({slots * (p.head_size + 2)}, query.options().dtype(at::kFloat));
-      s.part_out = scratch.data_ptr<float>();
-      s.part_max = s.part_out + slots * p.head_size;
-      s.part_sum = s.part_max + slots;
-    }
-    with_dtypes(query.scalar_type(), key_cache.scalar_type(), [&](auto q, auto c) {
-      err = launch_decode<decltype(q), decltype(c)>(p, s, cfg, generic, stream);
-    });
-  } else {
+  const Route r = route(d.num_q_tokens, d.num_seqs);
+  p.single_rows_to_decode = r == Route::kMixed;
+  if (r != Route::kDecode) {
     // The prefill tiles cover the rows of sequences only; rows outside every sequence
     // (malformed metadata) must not return uninitialized memory: zero first (the decode
     // kernel zeroes them itself).
@@ -145,6 +133,23 @@ void run_attention(const char* op, const AttentionDims& d, const at::Tensor& que
     if (lse.defined()) lse.fill_(-std::numeric_limits<float>::infinity());
     with_dtypes(query.scalar_type(), key_cache.scalar_type(), [&](auto q, auto c) {
       err = launch_prefill<decltype(q), decltype(c)>(p, cfg, generic, stream);
+    });
+    C10_CUDA_CHECK(err);
+  }
+  if (r != Route::kPrefill) {
+    const DecodePlan plan = decode_plan(p, cfg.partition_size, sm_count(key_cache.device().index()),
+                                        decode_splits_cap());
+    DecodeScratch s{nullptr, nullptr, nullptr};
+    at::Tensor scratch;  // bounded by decode_plan; from the caching allocator (graph pool)
+    if (plan.scratch_floats > 0) {
+      const int64_t slots = plan.scratch_floats / (p.head_size + 2);
+      scratch = at::empty({plan.scratch_floats}, query.options().dtype(at::kFloat));
+      s.part_out = scratch.data_ptr<float>();
+      s.part_max = s.part_out + slots * p.head_size;
+      s.part_sum = s.part_max + slots;
+    }
+    with_dtypes(query.scalar_type(), key_cache.scalar_type(), [&](auto q, auto c) {
+      err = launch_decode<decltype(q), decltype(c)>(p, s, plan, cfg, generic, stream);
     });
   }
   C10_CUDA_CHECK(err);

@@ -1,26 +1,33 @@
 // paged_attention, decode path: split-K flash-decoding over the paged cache.
 //
-// Grid: (query row, kv head x head chunk, partition). A partition is a FIXED number of
-// key positions (LaunchConfig::partition_size), so the number of partitions,
-// ceil(max_blocks_per_seq * block_size / partition_size), depends on tensor shapes only
-// and a CUDA graph captured for one set of metadata replays correctly for any other.
-// CTAs whose partition lies outside the row's visible keys exit at once.
+// Grid: (query row, kv head x head chunk, split). A partition is a FIXED number of key
+// positions (LaunchConfig::partition_size); split s of a row walks the row's partitions
+// first + s, first + s + splits, ... (first: the partition of its first visible key),
+// folding each into its running softmax. The number of splits comes from shapes and the
+// device only (decode_plan in launch_config.cpp: enough CTAs to fill the GPU, a bounded
+// float32 scratch), so a CUDA graph captured for one set of metadata replays correctly
+// for any other, and the scratch no longer grows with the block table's width. Splits
+// with no partition of the row exit at once. In a mixed batch (more query rows than
+// sequences) grid x runs over sequences instead and only sequences with exactly one
+// query row are served here, split-K; the prefill kernel takes the others.
 //
 // One CTA serves every query head of its GQA group (up to kMaxHeadsPerCta): each K and V
 // row is loaded from memory once and used for all of them. A "token group" of TG lanes
 // reads one cache row (one token of one kv head) with 8-element vector loads (16 bytes
-// for 16-bit caches), fp8 is widened in registers, and the query vectors live in
-// registers. Per partition:
+// for 16-bit caches), fp8 is widened in registers. Per partition:
 //   1. scores: each group computes q.k for its tokens (dot over its lanes, then a
 //      shuffle reduction inside the group) and writes them to shared memory;
-//   2. softmax: exact max and sum over the partition (one warp per head);
-//   3. values: each group accumulates p * v over the same tokens in registers; groups
-//      are summed with shuffles, warps through shared memory.
-// A row whose visible keys fit in one partition writes its output directly; otherwise
-// every partition writes (output / sum, max, sum) to scratch and decode_reduce_kernel
-// merges them by log-sum-exp. Both kernels derive the row's partitions from the same
-// device-side metadata, so they agree without any host involvement. paged_attention_lse
-// also gets each row's lse from whichever kernel writes the row's output.
+//   2. softmax: the partition's max joins the running max of each head (one warp per
+//      head), the partition's scores become exp(score - running max), and the factor
+//      exp(old max - new max) rescales the running sum (and, in 4, the running output);
+//   3. values: each group accumulates p * v over the same tokens in registers;
+//   4. fold: groups are summed with shuffles and warps into a running output in shared
+//      memory, rescaled by the partition's factor.
+// A row served by a single split writes its output directly; otherwise every
+// split writes (output / sum, max, sum) to scratch and decode_reduce_kernel merges them
+// by log-sum-exp. Both kernels derive the row's splits from the same device-side
+// metadata, so they agree without any host involvement. paged_attention_lse also gets
+// each row's lse from whichever kernel writes the row's output.
 #pragma once
 
 #include "cuda/common.cuh"
@@ -55,9 +62,11 @@ __global__ void __launch_bounds__(256)
 
   const int D = HEAD > 0 ? HEAD : p.head_size;
   const int nchunks = D >> 3;
-  const int t = blockIdx.x;
-  const int part = blockIdx.z;
-  const int num_parts = gridDim.z;
+  const int x = blockIdx.x;  // query row, or (mixed batch) sequence; indexes the scratch
+  const int split = blockIdx.z;
+  const int splits = gridDim.z;
+  const int t = decode_row_of(p, x);
+  if (t < 0) return;  // mixed batch: a sequence the prefill kernel serves
   const int G = p.num_heads / p.num_kv_heads;
   const int head_chunks = (G + hp - 1) / hp;
   const int kvh = blockIdx.y / head_chunks;
@@ -69,7 +78,7 @@ __global__ void __launch_bounds__(256)
 
   const RowInfo row = locate_row(p, t);
   if (!row.valid) {  // no visible key (or malformed metadata): output 0, lse -inf
-    if (part == 0) {
+    if (split == 0) {
       const float zero[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
       for (int idx = tid; idx < gp * nchunks; idx += blockDim.x) {
         const int h = idx / nchunks, c = idx - h * nchunks;
@@ -80,190 +89,210 @@ __global__ void __launch_bounds__(256)
     return;
   }
   const int first = row.k_lo / P, last = (row.k_hi - 1) / P;
-  if (part < first || part > last) return;  // uniform over the CTA: no barrier is skipped
-  const int lo = max(row.k_lo, part * P), hi = min(row.k_hi, (part + 1) * P);
-  const int n = hi - lo;  // keys of this partition, all visible (a row's keys are contiguous)
-  const bool single = first == last;
+  const int active = min(last - first + 1, splits);  // splits with at least one partition
+  if (split >= active) return;  // uniform over the CTA: no barrier is skipped
+  const bool single = active == 1;
 
   extern __shared__ float smem[];
-  const int region = max(hp * P, hp * D);
-  float* logits = smem;      // [gp][P] scores, then probabilities
-  float* red = smem;         // [gp][D] after the value pass (reuses the same memory)
-  float* m_s = smem + region;        // [kMaxHeadsPerCta] max score per head
-  float* l_s = m_s + kMaxHeadsPerCta;  // [kMaxHeadsPerCta] sum of exp per head
-
-  // Query vectors in registers, pre-multiplied by scale (and by k_scale for fp8).
+  float* logits = smem;                // [hp][P] scores, then probabilities
+  float* o_s = logits + hp * P;        // [hp][D] running sum of p * v (rescaled as m grows)
+  float* q_s = o_s + hp * D;           // [hp][D] query * scale (* k_scale for fp8)
+  float* m_s = q_s + hp * D;           // [kMaxHeadsPerCta] running max score per head
+  float* l_s = m_s + kMaxHeadsPerCta;  // [kMaxHeadsPerCta] running sum of exp per head
+  float* a_s = l_s + kMaxHeadsPerCta;  // [kMaxHeadsPerCta] this partition's rescale factor
+  if (tid < kMaxHeadsPerCta) {
+    m_s[tid] = kNegInf;
+    l_s[tid] = 0.f;
+  }
+  // The query vectors are staged in shared memory and loaded into registers for each
+  // partition's score pass only, and the value accumulators live for each partition's
+  // value pass only (then fold into o_s): the two never hold registers at once, as in a
+  // kernel walking one partition.
   const float qmul = p.scale * load_scale(p.k_scale);
   const QE* query = static_cast<const QE*>(p.query);
-  float q[MAXH][CPL][8];
+  for (int idx = tid; idx < gp * D; idx += blockDim.x) {
+    const int h = idx / D, d = idx - h * D;
+    q_s[idx] = to_float(query[t * p.q_stride_tok + (h0 + h) * p.q_stride_head +
+                              d * p.q_stride_dim]) * qmul;
+    o_s[idx] = 0.f;
+  }
   float slope[MAXH];
 #pragma unroll
-  for (int h = 0; h < MAXH; ++h) {
+  for (int h = 0; h < MAXH; ++h)
     slope[h] = (h < gp && p.alibi_slopes) ? __ldg(p.alibi_slopes + h0 + h) : 0.f;
-#pragma unroll
-    for (int j = 0; j < CPL; ++j) {
-      const int c = gl + j * TG;
-#pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        q[h][j][e] = (h < gp && c < nchunks)
-                         ? to_float(query[t * p.q_stride_tok + (h0 + h) * p.q_stride_head +
-                                          (c * 8 + e) * p.q_stride_dim]) * qmul
-                         : 0.f;
-      }
-    }
-  }
 
   const int64_t row_stride = int64_t(p.num_kv_heads) * D;  // elements per cache slot
   const CE* kc = static_cast<const CE*>(p.key_cache) + int64_t(kvh) * D;
   const CE* vc = static_cast<const CE*>(p.value_cache) + int64_t(kvh) * D;
   const BlockLookup look{p.block_table + int64_t(row.seq) * p.block_table_stride, p.block_size,
                          block_shift, p.num_blocks};
-  // Group grp handles keys lo + grp, lo + grp + NG, ...; the trip count is the same for
-  // every lane of the CTA, so the shuffles below always see the whole warp.
-  const int iters = (n + NG - 1) / NG;
+  __syncthreads();  // q_s, o_s, m_s, l_s are set
 
-  // 1. Scores.
-  for (int it = 0; it < iters; it += U) {
-    float kf[U][CPL][8];
-    bool ok[U];
+  for (int part = first + split; part <= last; part += splits) {
+    const int lo = max(row.k_lo, part * P), hi = min(row.k_hi, (part + 1) * P);
+    const int n = hi - lo;  // keys of this partition, all visible (a row's keys are contiguous)
+    // Group grp handles keys lo + grp, lo + grp + NG, ...; the trip count is the same for
+    // every lane of the CTA, so the shuffles below always see the whole warp.
+    const int iters = (n + NG - 1) / NG;
+
+    // 1. Scores.
+    float q[MAXH][CPL][8];
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int i = (it + u) * NG + grp;
-      const int64_t slot = i < n ? look.slot(lo + i) : -1;  // -1: past the end or bad block
-      ok[u] = slot >= 0;
+    for (int h = 0; h < MAXH; ++h)
 #pragma unroll
       for (int j = 0; j < CPL; ++j) {
         const int c = gl + j * TG;
-        if (ok[u] && c < nchunks) {
-          Vec8<CT>::load(kc + slot * row_stride + c * 8, kf[u][j]);
-        } else {
 #pragma unroll
-          for (int e = 0; e < 8; ++e) kf[u][j][e] = 0.f;
-        }
+        for (int e = 0; e < 8; ++e)
+          q[h][j][e] = h < gp && c < nchunks ? q_s[h * D + c * 8 + e] : 0.f;
       }
-    }
+    for (int it = 0; it < iters; it += U) {
+      float kf[U][CPL][8];
+      bool ok[U];
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int i = (it + u) * NG + grp;
+      for (int u = 0; u < U; ++u) {
+        const int i = (it + u) * NG + grp;
+        const int64_t slot = i < n ? look.slot(lo + i) : -1;  // -1: past the end or bad block
+        ok[u] = slot >= 0;
 #pragma unroll
-      for (int h = 0; h < MAXH; ++h) {
-        if (h < gp) {  // uniform over the CTA
-          float dot = 0.f;
+        for (int j = 0; j < CPL; ++j) {
+          const int c = gl + j * TG;
+          if (ok[u] && c < nchunks) {
+            Vec8<CT>::load(kc + slot * row_stride + c * 8, kf[u][j]);
+          } else {
 #pragma unroll
-          for (int j = 0; j < CPL; ++j)
-#pragma unroll
-            for (int e = 0; e < 8; ++e) dot = fmaf(q[h][j][e], kf[u][j][e], dot);
-#pragma unroll
-          for (int off = TG / 2; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
-          if (i < n && gl == h) {  // TG >= 8 >= MAXH: lane h of the group writes head h
-            logits[h * P + i] = ok[u] ? finish_score(dot, p.softcap, slope[h], lo + i, row.pos)
-                                      : kNegInf;
+            for (int e = 0; e < 8; ++e) kf[u][j][e] = 0.f;
           }
         }
       }
-    }
-  }
-  __syncthreads();
-
-  // 2. Softmax over the partition, one warp per head.
-  for (int h = warp; h < gp; h += NW) {
-    float* lg = logits + h * P;
-    float mx = kNegInf;
-    for (int i = lane; i < n; i += 32) mx = fmaxf(mx, lg[i]);
-    mx = warp_max(mx);
-    float sum = 0.f;
-    for (int i = lane; i < n; i += 32) {
-      const float e = mx == kNegInf ? 0.f : expf(lg[i] - mx);
-      lg[i] = e;
-      sum += e;
-    }
-    sum = warp_sum(sum);
-    if (lane == 0) {
-      m_s[h] = mx;
-      l_s[h] = sum;
-    }
-  }
-  __syncthreads();
-
-  // 3. Values: the same token assignment, so each V row is read once.
-  float acc[MAXH][CPL][8];
 #pragma unroll
-  for (int h = 0; h < MAXH; ++h)
+      for (int u = 0; u < U; ++u) {
+        const int i = (it + u) * NG + grp;
 #pragma unroll
-    for (int j = 0; j < CPL; ++j)
+        for (int h = 0; h < MAXH; ++h) {
+          if (h < gp) {  // uniform over the CTA
+            float dot = 0.f;
 #pragma unroll
-      for (int e = 0; e < 8; ++e) acc[h][j][e] = 0.f;
-
-  for (int it = 0; it < iters; it += U) {
-    float vf[U][CPL][8];
-    bool ok[U];
+            for (int j = 0; j < CPL; ++j)
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int i = (it + u) * NG + grp;
-      const int64_t slot = i < n ? look.slot(lo + i) : -1;
-      ok[u] = slot >= 0;
+              for (int e = 0; e < 8; ++e) dot = fmaf(q[h][j][e], kf[u][j][e], dot);
 #pragma unroll
-      for (int j = 0; j < CPL; ++j) {
-        const int c = gl + j * TG;
-        if (ok[u] && c < nchunks) {
-          Vec8<CT>::load(vc + slot * row_stride + c * 8, vf[u][j]);
-        } else {
-#pragma unroll
-          for (int e = 0; e < 8; ++e) vf[u][j][e] = 0.f;
-        }
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      if (!ok[u]) continue;
-      const int i = (it + u) * NG + grp;
-#pragma unroll
-      for (int h = 0; h < MAXH; ++h) {
-        if (h < gp) {
-          const float w = logits[h * P + i];
-#pragma unroll
-          for (int j = 0; j < CPL; ++j)
-#pragma unroll
-            for (int e = 0; e < 8; ++e) acc[h][j][e] = fmaf(w, vf[u][j][e], acc[h][j][e]);
-        }
-      }
-    }
-  }
-
-  // Sum the groups of each warp: lanes with equal gl hold the same output elements.
-#pragma unroll
-  for (int off = TG; off < 32; off <<= 1)
-#pragma unroll
-    for (int h = 0; h < MAXH; ++h)
-      if (h < gp)
-#pragma unroll
-        for (int j = 0; j < CPL; ++j)
-#pragma unroll
-          for (int e = 0; e < 8; ++e)
-            acc[h][j][e] += __shfl_xor_sync(0xffffffffu, acc[h][j][e], off);
-
-  // Sum the warps in a fixed order (deterministic) in shared memory.
-  __syncthreads();  // every warp is done reading logits, which `red` overwrites
-  for (int w = 0; w < NW; ++w) {
-    if (warp == w && lane < TG) {
-#pragma unroll
-      for (int h = 0; h < MAXH; ++h) {
-        if (h < gp) {
-#pragma unroll
-          for (int j = 0; j < CPL; ++j) {
-            const int c = lane + j * TG;
-            if (c < nchunks) {
-#pragma unroll
-              for (int e = 0; e < 8; ++e) {
-                float* r = red + h * D + c * 8 + e;
-                *r = (w == 0 ? 0.f : *r) + acc[h][j][e];
-              }
+            for (int off = TG / 2; off > 0; off >>= 1)
+              dot += __shfl_xor_sync(0xffffffffu, dot, off);
+            if (i < n && gl == h) {  // TG >= 8 >= MAXH: lane h of the group writes head h
+              logits[h * P + i] = ok[u] ? finish_score(dot, p.softcap, slope[h], lo + i, row.pos)
+                                        : kNegInf;
             }
           }
         }
       }
     }
     __syncthreads();
+
+    // 2. Softmax: the partition joins each head's running max and sum.
+    for (int h = warp; h < gp; h += NW) {
+      float* lg = logits + h * P;
+      float mx = kNegInf;
+      for (int i = lane; i < n; i += 32) mx = fmaxf(mx, lg[i]);
+      mx = warp_max(mx);
+      const float m_old = m_s[h];
+      const float m_new = fmaxf(m_old, mx);
+      float sum = 0.f;
+      for (int i = lane; i < n; i += 32) {
+        const float e = m_new == kNegInf ? 0.f : expf(lg[i] - m_new);
+        lg[i] = e;
+        sum += e;
+      }
+      sum = warp_sum(sum);
+      __syncwarp();  // every lane has read m_s[h] before lane 0 overwrites it
+      if (lane == 0) {
+        const float alpha = m_new == kNegInf ? 1.f : expf(m_old - m_new);  // 0 when m_old = -inf
+        m_s[h] = m_new;
+        l_s[h] = l_s[h] * alpha + sum;
+        a_s[h] = alpha;
+      }
+    }
+    __syncthreads();
+
+    // 3. Values: the same token assignment, so each V row is read once.
+    float acc[MAXH][CPL][8];
+#pragma unroll
+    for (int h = 0; h < MAXH; ++h)
+#pragma unroll
+      for (int j = 0; j < CPL; ++j)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[h][j][e] = 0.f;
+    for (int it = 0; it < iters; it += U) {
+      float vf[U][CPL][8];
+      bool ok[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int i = (it + u) * NG + grp;
+        const int64_t slot = i < n ? look.slot(lo + i) : -1;
+        ok[u] = slot >= 0;
+#pragma unroll
+        for (int j = 0; j < CPL; ++j) {
+          const int c = gl + j * TG;
+          if (ok[u] && c < nchunks) {
+            Vec8<CT>::load(vc + slot * row_stride + c * 8, vf[u][j]);
+          } else {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) vf[u][j][e] = 0.f;
+          }
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (!ok[u]) continue;
+        const int i = (it + u) * NG + grp;
+#pragma unroll
+        for (int h = 0; h < MAXH; ++h) {
+          if (h < gp) {
+            const float w = logits[h * P + i];
+#pragma unroll
+            for (int j = 0; j < CPL; ++j)
+#pragma unroll
+              for (int e = 0; e < 8; ++e) acc[h][j][e] = fmaf(w, vf[u][j][e], acc[h][j][e]);
+          }
+        }
+      }
+    }
+
+    // 4. Fold into o_s: the groups of each warp by shuffles (lanes with equal gl hold the
+    //    same output elements), then the warps in a fixed order (deterministic), the
+    //    first one rescaling o_s by this partition's factor.
+#pragma unroll
+    for (int off = TG; off < 32; off <<= 1)
+#pragma unroll
+      for (int h = 0; h < MAXH; ++h)
+        if (h < gp)
+#pragma unroll
+          for (int j = 0; j < CPL; ++j)
+#pragma unroll
+            for (int e = 0; e < 8; ++e)
+              acc[h][j][e] += __shfl_xor_sync(0xffffffffu, acc[h][j][e], off);
+    for (int w = 0; w < NW; ++w) {
+      if (warp == w && lane < TG) {
+#pragma unroll
+        for (int h = 0; h < MAXH; ++h) {
+          if (h < gp) {
+            const float alpha = a_s[h];
+#pragma unroll
+            for (int j = 0; j < CPL; ++j) {
+              const int c = lane + j * TG;
+              if (c < nchunks) {
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                  float* r = o_s + h * D + c * 8 + e;
+                  *r = (w == 0 ? *r * alpha : *r) + acc[h][j][e];
+                }
+              }
+            }
+          }
+        }
+      }
+      __syncthreads();  // also: every warp is done with logits and a_s of this partition
+    }
   }
 
   const float vs = load_scale(p.v_scale);
@@ -273,16 +302,16 @@ __global__ void __launch_bounds__(256)
     const float inv = l > 0.f ? vs / l : 0.f;
     float o[8];
 #pragma unroll
-    for (int e = 0; e < 8; ++e) o[e] = red[h * D + c * 8 + e] * inv;
-    const int64_t oh = int64_t(t) * p.num_heads + h0 + h;
+    for (int e = 0; e < 8; ++e) o[e] = o_s[h * D + c * 8 + e] * inv;
     if (single) {
-      Vec8<QT>::store(out + oh * D + c * 8, o);
+      Vec8<QT>::store(out + (int64_t(t) * p.num_heads + h0 + h) * D + c * 8, o);
     } else {
-      Vec8<F32>::store(scratch.part_out + (oh * num_parts + part) * D + c * 8, o);
+      const int64_t slot = (int64_t(x) * p.num_heads + h0 + h) * splits + split;
+      Vec8<F32>::store(scratch.part_out + slot * D + c * 8, o);
     }
   }
   if (!single && tid < gp) {
-    const int64_t idx = (int64_t(t) * p.num_heads + h0 + tid) * num_parts + part;
+    const int64_t idx = (int64_t(x) * p.num_heads + h0 + tid) * splits + split;
     scratch.part_max[idx] = m_s[tid];
     scratch.part_sum[idx] = l_s[tid];
   }
@@ -291,29 +320,32 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-// Merges the partitions of each (row, head) by log-sum-exp: with partition maxima m_p,
-// sums l_p and normalized outputs o_p, out = sum_p w_p o_p / sum_p w_p where
-// w_p = l_p exp(m_p - max_p m_p). Rows served by a single partition were written by the
-// decode kernel and are skipped here.
+// Merges the splits of each (row, head) by log-sum-exp: with split maxima m_i, sums l_i
+// and normalized outputs o_i, out = sum_i w_i o_i / sum_i w_i where
+// w_i = l_i exp(m_i - max_i m_i). Rows served by a single split were written by the
+// decode kernel and are skipped here. Grid: (decode_plan rows, heads).
 template <typename QT>
 __global__ void __launch_bounds__(128)
     decode_reduce_kernel(const AttentionParams p, const DecodeScratch scratch, int P,
-                         int64_t nparts) {
+                         int splits) {
   using QE = typename Elem<QT>::type;
-  const int t = blockIdx.x, h = blockIdx.y;
+  const int x = blockIdx.x, h = blockIdx.y;
+  const int t = decode_row_of(p, x);
+  if (t < 0) return;
   const RowInfo row = locate_row(p, t);
   if (!row.valid) return;
   const int first = row.k_lo / P, last = (row.k_hi - 1) / P;
-  if (first == last) return;
-  const int64_t base = (int64_t(t) * p.num_heads + h) * nparts;
+  const int active = min(last - first + 1, splits);
+  if (active <= 1) return;
+  const int64_t base = (int64_t(x) * p.num_heads + h) * splits;
   const float* pm = scratch.part_max + base;
   const float* ps = scratch.part_sum + base;
 
   float M = kNegInf;
-  for (int q = first; q <= last; ++q)
+  for (int q = 0; q < active; ++q)
     if (ps[q] > 0.f) M = fmaxf(M, pm[q]);
   float total = 0.f;
-  for (int q = first; q <= last; ++q)
+  for (int q = 0; q < active; ++q)
     if (ps[q] > 0.f) total += ps[q] * expf(pm[q] - M);
   const float inv = total > 0.f ? 1.f / total : 0.f;
   if (p.lse && threadIdx.x == 0) p.lse[int64_t(t) * p.num_heads + h] = lse_of(M, total);
@@ -322,7 +354,7 @@ __global__ void __launch_bounds__(128)
   QE* out = static_cast<QE*>(p.out) + (int64_t(t) * p.num_heads + h) * D;
   for (int c = threadIdx.x; c < (D >> 3); c += blockDim.x) {
     float o[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    for (int q = first; q <= last; ++q) {
+    for (int q = 0; q < active; ++q) {
       if (!(ps[q] > 0.f)) continue;
       const float w = ps[q] * expf(pm[q] - M) * inv;
       float x[8];
@@ -351,31 +383,35 @@ auto decode_kernel_for(int hp) {
 
 template <typename Q, typename C, int HEAD>
 cudaError_t decode_launch_impl(const AttentionParams& p, const DecodeScratch& s,
-                               const LaunchConfig& cfg, cudaStream_t stream) {
+                               const DecodePlan& plan, const LaunchConfig& cfg,
+                               cudaStream_t stream) {
   const int G = p.num_heads / p.num_kv_heads;
   const int hp = heads_per_cta(G);
   const int head_chunks = (G + hp - 1) / hp;
   const int P = cfg.partition_size;
-  const int64_t parts = decode_num_partitions(p, P);
   const size_t smem = decode_smem_bytes(p.head_size, hp, P);
   auto* kernel = decode_kernel_for<Q, C, HEAD>(hp);
   cudaError_t e = allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
   if (e != cudaSuccess) return e;
-  const dim3 grid(unsigned(p.num_q_tokens), unsigned(p.num_kv_heads * head_chunks), unsigned(parts));
+  if (plan.rows == 0) return cudaSuccess;
+  const dim3 grid(unsigned(plan.rows), unsigned(p.num_kv_heads * head_chunks),
+                  unsigned(plan.splits));
   kernel<<<grid, cfg.decode_threads, smem, stream>>>(p, s, hp, P, log2_if_pow2(p.block_size));
-  if (parts > 1) {
+  if (plan.splits > 1) {
     const int threads = (p.head_size / 8 + 31) / 32 * 32;
-    decode_reduce_kernel<Q><<<dim3(unsigned(p.num_q_tokens), unsigned(p.num_heads)), threads, 0, stream>>>(p, s, P, parts);
+    const dim3 reduce_grid(unsigned(plan.rows), unsigned(p.num_heads));
+    decode_reduce_kernel<Q><<<reduce_grid, threads, 0, stream>>>(p, s, P, int(plan.splits));
   }
   return cudaGetLastError();
 }
 
 template <typename Q, typename C>
 cudaError_t launch_decode(const AttentionParams& p, const DecodeScratch& s,
-                          const LaunchConfig& cfg, bool generic, cudaStream_t stream) {
+                          const DecodePlan& plan, const LaunchConfig& cfg, bool generic,
+                          cudaStream_t stream) {
   cudaError_t err = cudaSuccess;
   with_head_size(p.head_size, generic, [&](auto head) {
-    err = decode_launch_impl<Q, C, decltype(head)::value>(p, s, cfg, stream);
+    err = decode_launch_impl<Q, C, decltype(head)::value>(p, s, plan, cfg, stream);
   });
   return err;
 }
@@ -414,6 +450,7 @@ cudaError_t decode_kernel_info(AttentionKernel which, int head_size, int heads, 
 // ninja compiles the pairs in parallel.
 #define PAGEDKV_INSTANTIATE_DECODE(Q, C)                                                      \
   template cudaError_t launch_decode<Q, C>(const AttentionParams&, const DecodeScratch&,      \
-                                           const LaunchConfig&, bool, cudaStream_t);          \
+                                           const DecodePlan&, const LaunchConfig&, bool,      \
+                                           cudaStream_t);                                     \
   template cudaError_t decode_kernel_info<Q, C>(AttentionKernel, int, int, bool, int, size_t, \
                                                 KernelInfo*);

@@ -60,6 +60,7 @@ __global__ void __launch_bounds__(256)
   const int64_t local = t - (q0 / tr + seq);
   const int64_t q_len = q1 - q0;
   if (local < 0 || local * tr >= q_len) return;  // a surplus tile
+  if (p.single_rows_to_decode && q_len == 1) return;  // the split-K decode kernel serves it
   const int64_t r0 = local * tr;
   const int nr = int(min(int64_t(tr), q_len - r0));
 

@@ -227,6 +227,15 @@ __device__ __forceinline__ RowInfo locate_row(const AttentionParams& p, int t) {
   return r;
 }
 
+// The query row a decode CTA row serves: grid x is the row itself, or (mixed batches,
+// p.single_rows_to_decode) a sequence, served only when it has exactly one query row;
+// -1 when the prefill kernel serves it (or the metadata is malformed).
+__device__ __forceinline__ int decode_row_of(const AttentionParams& p, int x) {
+  if (!p.single_rows_to_decode) return x;
+  const int q0 = __ldg(p.query_start_loc + x), q1 = __ldg(p.query_start_loc + x + 1);
+  return q1 - q0 == 1 && q0 >= 0 && q0 < p.num_q_tokens ? q0 : -1;
+}
+
 // Post-processing of a raw score (already multiplied by scale): softcap, then ALiBi.
 __device__ __forceinline__ float finish_score(float s, float softcap, float slope, int64_t k,
                                               int64_t pos) {

@@ -62,23 +62,44 @@ struct AttentionParams {
   float softcap;       // <= 0: off
   int sliding_window;  // <= 0: off
   bool causal;         // false: every query row of a sequence sees all of its seq_len keys
+  // Mixed batches: the split-K decode kernel serves the sequences with exactly one query
+  // row (its grid x runs over sequences) and the prefill kernel skips them, so a
+  // long-context decode row inside a chunked-prefill batch is split like any decode.
+  bool single_rows_to_decode;
   int num_q_tokens, num_seqs, num_heads, num_kv_heads, head_size, block_size, num_blocks;
   int max_blocks_per_seq;
 };
 
-// Decode (split-K flash-decoding): one CTA per (query row, kv head [chunk], partition of
-// `partition_size` keys). With more than one partition, the glue provides float32
-// scratch: part_out [num_q_tokens, num_heads, num_partitions, head_size] and
-// part_max/part_sum [num_q_tokens, num_heads, num_partitions].
+// Decode (split-K flash-decoding): one CTA per (query row, kv head [chunk], split); split
+// s of a row walks its partitions of `partition_size` keys s, s + splits, ... With more
+// than one split, the glue provides float32 scratch: part_out [rows, num_heads, splits,
+// head_size] and part_max/part_sum [rows, num_heads, splits].
 struct DecodeScratch {
   float* part_out;
   float* part_max;
   float* part_sum;
 };
 
-// Number of partitions of the decode kernel: ceil(max_blocks_per_seq * block_size /
+// Number of partitions of the block table's width: ceil(max_blocks_per_seq * block_size /
 // partition_size), a function of shapes only.
 int64_t decode_num_partitions(const AttentionParams& p, int partition_size);
+
+// The decode kernel's grid and scratch, from shapes and the device's SM count only (so
+// graph-safe): `rows` (grid x) is num_q_tokens, or num_seqs with single_rows_to_decode;
+// `splits` (grid z) gives the device about kDecodeCtasPerSm CTAs per SM, or more while
+// the scratch stays within kDecodeScratchBytes, never more than the table's partitions.
+// The scratch is thus bounded by the device and the batch, not by the table's width (a
+// 128k-token table used to cost rows x heads x 256 partitions x (head_size + 2) floats).
+constexpr int64_t kDecodeCtasPerSm = 16;
+constexpr int64_t kDecodeScratchBytes = int64_t(64) << 20;
+struct DecodePlan {
+  int64_t rows;
+  int64_t splits;
+  int64_t scratch_floats;  // 0 when splits == 1: every CTA writes its output directly
+};
+// max_splits > 0 caps the splits (the decode_splits knob).
+DecodePlan decode_plan(const AttentionParams& p, int partition_size, int num_sms,
+                       int max_splits = 0);
 
 // Query heads per CTA for a GQA group of `group` heads (<= kMaxHeadsPerCta, balanced).
 int heads_per_cta(int group);
@@ -103,7 +124,8 @@ size_t decode_smem_bytes(int head_size, int heads, int partition_size);
 // `generic` forces the kernel that reads the head size at run time.
 template <typename Q, typename C>
 cudaError_t launch_decode(const AttentionParams& p, const DecodeScratch& s,
-                          const LaunchConfig& cfg, bool generic, cudaStream_t stream);
+                          const DecodePlan& plan, const LaunchConfig& cfg, bool generic,
+                          cudaStream_t stream);
 template <typename Q, typename C>
 cudaError_t launch_prefill(const AttentionParams& p, const LaunchConfig& cfg, bool generic,
                            cudaStream_t stream);

@@ -4,6 +4,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <atomic>
 #include <initializer_list>
 #include <map>
@@ -25,6 +26,23 @@ int64_t decode_num_partitions(const AttentionParams& p, int partition_size) {
   return parts > 0 ? parts : 1;
 }
 
+DecodePlan decode_plan(const AttentionParams& p, int partition_size, int num_sms,
+                       int max_splits) {
+  const int64_t rows = p.single_rows_to_decode ? p.num_seqs : p.num_q_tokens;
+  const int group = p.num_heads / p.num_kv_heads;
+  const int hp = heads_per_cta(group);
+  const int64_t ctas_per_split = rows * p.num_kv_heads * ((group + hp - 1) / hp);
+  const int64_t floats_per_split = rows * p.num_heads * (int64_t(p.head_size) + 2);
+  if (ctas_per_split <= 0) return DecodePlan{rows, 1, 0};
+  const int64_t fill = (kDecodeCtasPerSm * std::max(num_sms, 1) + ctas_per_split - 1) /
+                       ctas_per_split;  // splits that fill the device
+  const int64_t budget = kDecodeScratchBytes / int64_t(sizeof(float)) / floats_per_split;
+  int64_t limit = std::min<int64_t>(decode_num_partitions(p, partition_size), 65535);
+  if (max_splits > 0) limit = std::min<int64_t>(limit, max_splits);
+  const int64_t splits = std::max<int64_t>(1, std::min(std::max(fill, budget), limit));
+  return DecodePlan{rows, splits, splits > 1 ? splits * floats_per_split : 0};
+}
+
 int heads_per_cta(int group) {
   const int chunks = (group + kMaxHeadsPerCta - 1) / kMaxHeadsPerCta;
   return (group + chunks - 1) / chunks;  // balanced: 12 -> 6 + 6, not 8 + 4
@@ -44,8 +62,10 @@ size_t prefill_smem_bytes(int head_size) {
 }
 
 size_t decode_smem_bytes(int head_size, int heads, int partition_size) {
-  const size_t region = size_t(heads) * (partition_size > head_size ? partition_size : head_size);
-  return (region + 2 * kMaxHeadsPerCta) * sizeof(float);
+  // scores [heads][partition], running output and query [heads][head_size] each, and the
+  // running max, sum and rescale factor of each head.
+  const size_t floats = size_t(heads) * (size_t(partition_size) + 2 * size_t(head_size));
+  return (floats + 3 * kMaxHeadsPerCta) * sizeof(float);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -202,6 +222,22 @@ std::string device_name(int device) {
     names[device] = prop.name;
   }
   return names[device];
+}
+
+int sm_count(int device) {
+  static std::mutex mu;
+  static std::vector<int> counts;
+  std::lock_guard<std::mutex> lock(mu);
+  if (device >= int(counts.size())) counts.resize(device + 1, 0);
+  if (counts[device] == 0) {
+    int n = 0;
+    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+      cudaGetLastError();
+      return 1;
+    }
+    counts[device] = n;
+  }
+  return counts[device];
 }
 
 LaunchConfig config_for_device(int device, int head_size, DType cache, int block_size) {

@@ -39,5 +39,7 @@ LaunchConfig find_config(const std::string& device_name, int head_size, DType ca
 // The same for a CUDA device index (its name read once per device).
 LaunchConfig config_for_device(int device, int head_size, DType cache, int block_size);
 std::string device_name(int device);
+// The device's number of SMs (read once per device; 1 if it cannot be read).
+int sm_count(int device);
 
 }  // namespace pagedkv::cuda

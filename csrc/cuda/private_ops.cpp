@@ -118,6 +118,31 @@ std::vector<int64_t> occupancy(const std::string& kernel, const std::string& que
           prop.maxThreadsPerMultiProcessor, prop.multiProcessorCount};
 }
 
+// [rows, splits, scratch bytes] of the decode kernel for these shapes on a GPU with
+// num_sms SMs (decode_plan and the decode_splits knob, as the launch uses them); mixed: a
+// batch with more query rows than sequences, whose single-row sequences the decode
+// kernel serves.
+std::vector<int64_t> decode_plan_for(int64_t num_q_tokens, int64_t num_seqs, int64_t num_heads,
+                                     int64_t num_kv_heads, int64_t head_size, int64_t block_size,
+                                     int64_t max_blocks_per_seq, int64_t partition_size,
+                                     int64_t num_sms, bool mixed) {
+  const char* op = "_decode_plan";
+  TORCH_CHECK(num_kv_heads >= 1 && num_heads % num_kv_heads == 0, op,
+              ": num_heads must be a multiple of num_kv_heads");
+  TORCH_CHECK(partition_size >= 1, op, ": partition_size must be >= 1, got ", partition_size);
+  AttentionParams p{};
+  p.num_q_tokens = int(num_q_tokens);
+  p.num_seqs = int(num_seqs);
+  p.num_heads = int(num_heads);
+  p.num_kv_heads = int(num_kv_heads);
+  p.head_size = int(head_size);
+  p.block_size = int(block_size);
+  p.max_blocks_per_seq = int(max_blocks_per_seq);
+  p.single_rows_to_decode = mixed;
+  const DecodePlan plan = decode_plan(p, int(partition_size), int(num_sms), decode_splits_cap());
+  return {plan.rows, plan.splits, plan.scratch_floats * int64_t(sizeof(float))};
+}
+
 }  // namespace
 }  // namespace pagedkv::cuda
 
@@ -137,6 +162,11 @@ TORCH_LIBRARY_FRAGMENT(pagedkv, m) {
   m.def(
       "_occupancy(str kernel, str query_dtype, str cache_dtype, int head_size, int num_heads, "
       "int num_kv_heads, int threads, int partition_size) -> int[]");
+  // [rows, splits, scratch_bytes] of the split-K decode kernel (kernels.h decode_plan).
+  m.def(
+      "_decode_plan(int num_q_tokens, int num_seqs, int num_heads, int num_kv_heads, "
+      "int head_size, int block_size, int max_blocks_per_seq, int partition_size, int num_sms, "
+      "bool mixed) -> int[]");
 }
 
 // The private ops take no tensors, so the dispatcher has no backend key for them: a
@@ -146,4 +176,5 @@ TORCH_LIBRARY_IMPL(pagedkv, CompositeExplicitAutograd, m) {
   m.impl("_clear_launch_configs", &pagedkv::cuda::clear_launch_configs);
   m.impl("_launch_config", &pagedkv::cuda::launch_config);
   m.impl("_occupancy", &pagedkv::cuda::occupancy);
+  m.impl("_decode_plan", &pagedkv::cuda::decode_plan_for);
 }
