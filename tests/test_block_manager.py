@@ -25,7 +25,9 @@ def referenced(bm: BlockManager, seq_ids) -> set[int]:
 
 
 def assert_conserved(bm: BlockManager, seq_ids) -> None:
-    assert bm.num_free_blocks + len(referenced(bm, seq_ids)) == bm.num_blocks
+    """Every block is free, referenced, or held for a pending copy's source."""
+    held = len(getattr(bm, "_held_for_copy", []))
+    assert bm.num_free_blocks + len(referenced(bm, seq_ids)) + held == bm.num_blocks
 
 
 def snapshot(bm: BlockManager, seq_ids):
@@ -233,6 +235,46 @@ def test_free_drops_pending_copy_into_a_released_block():
     bm.append("b", [1])
     bm.free("b")
     assert bm.take_copies() == []
+
+
+def test_a_pending_copy_source_is_never_another_copy_destination():
+    """The parent of a fork leaves while its child's copy-on-write from the parent's
+    last block y is pending: y is free again (free + referenced == total), but another
+    copy-on-write before take_copies must not take y as its destination: the pairs
+    (y, d), (s, y) would chain, which copy_blocks refuses (and a parallel copy races
+    on). A new block may take y: the copies run before the step writes."""
+    bm = BlockManager(5, BS)
+    bm.allocate("a", toks(0, 6))  # blocks x, y (y partial)
+    y = bm.block_table("a")[1]
+    bm.fork("a", "b")
+    bm.append("b", [1])  # y -> d
+    bm.free("a")  # y's last holder leaves with the copy still pending
+    assert y in bm._free and next(iter(bm._free)) == y  # y would be reused first
+    assert_conserved(bm, ["b"])
+    bm.fork("b", "c")
+    bm.append("c", [2])  # the last block d is shared: d's content (y) -> e, e != y
+    pairs = bm.take_copies()
+    assert [s for s, _ in pairs] == [y, y]
+    assert y not in {d for _, d in pairs}
+    assert_conserved(bm, ["b", "c"])
+
+
+def test_a_copy_on_write_with_only_copy_sources_free_is_refused():
+    bm = BlockManager(4, BS)
+    bm.allocate("a", toks(0, 6))  # x, y
+    y = bm.block_table("a")[1]
+    bm.fork("a", "b")
+    bm.append("b", [1])  # y -> d; 4 blocks: x, y, d taken, one free
+    bm.allocate("z", toks(50, 2))  # takes the last one
+    bm.free("a")  # y is now the only free block, and a pending copy's source
+    bm.fork("b", "c")
+    before = snapshot(bm, ["b", "c", "z"])
+    with pytest.raises(NoFreeBlocksError, match="run take_copies first"):
+        bm.append("c", [2])
+    assert snapshot(bm, ["b", "c", "z"]) == before
+    assert bm.take_copies() == [(y, bm.block_table("b")[1])]
+    bm.append("c", [2])  # now y can be its destination
+    assert bm.take_copies() == [(bm.block_table("b")[1], y)]
 
 
 # ---------------------------------------------------------------- free / LRU

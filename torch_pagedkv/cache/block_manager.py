@@ -39,6 +39,14 @@ __all__ = [
 ]
 
 
+# The op of the NoFreeBlocksError of an append whose copy-on-write finds only blocks that
+# pending copies still read (see BlockManager._copy_destination).
+_ALL_FREE_ARE_COPY_SOURCES = (
+    "append (every free block is still the source of a pending copy-on-write: "
+    "run take_copies first)"
+)
+
+
 class NoFreeBlocksError(RuntimeError):
     """Not enough free blocks; the call that raised it changed nothing."""
 
@@ -314,9 +322,12 @@ class BlockManager:
         needed = num_new_blocks + copy_last
         if needed > len(self._free):
             raise NoFreeBlocksError(needed, len(self._free), "append")
+        dst = self._copy_destination() if copy_last else None
+        if copy_last and dst is None:
+            raise NoFreeBlocksError(needed, len(self._free), _ALL_FREE_ARE_COPY_SOURCES)
 
         if copy_last:
-            dst = self._take_fresh()
+            dst = self._take_fresh(dst)
             self._blocks[last].ref_count -= 1  # still >= 1: it was shared
             seq.block_ids[-1] = dst
             # If ``last`` is itself waiting for its copy, copy from its source:
@@ -368,9 +379,22 @@ class BlockManager:
                 f"unknown sequence {seq_id!r}: it was never allocated or was already freed"
             ) from None
 
-    def _take_fresh(self) -> int:
-        """Pop the front free block, evicting its cached content if any."""
-        bid, _ = self._free.popitem(last=False)
+    def _copy_destination(self) -> int | None:
+        """The first free block no pending copy reads, or None. A sequence freed since
+        the last ``take_copies`` may have left the source of a pending copy in the free
+        list; as a new block it is safe (the copies run before the step writes), but as
+        another copy's destination it would make a chain, which ``copy_blocks`` refuses
+        (and a parallel copy would race on)."""
+        sources = set(self._copies.values())
+        return next((b for b in self._free if b not in sources), None)
+
+    def _take_fresh(self, bid: int | None = None) -> int:
+        """Pop free block ``bid`` (default: the front one), evicting its cached content
+        if any."""
+        if bid is None:
+            bid, _ = self._free.popitem(last=False)
+        else:
+            del self._free[bid]
         blk = self._blocks[bid]
         if blk.hash is not None:
             del self._cached[blk.hash]
