@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 from functools import partial
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Sequence as Seq, Union
@@ -106,7 +107,11 @@ class LLM:
                  cuda_graphs: Optional[bool] = None,
                  tokenizer: Any = None, preemption_mode: str = "recompute",
                  swap_space_bytes: Optional[int] = None,
-                 enable_cascade: Optional[bool] = None) -> None:
+                 enable_cascade: Optional[bool] = None, tensor_parallel_size: int = 1,
+                 device: Union[str, torch.device, None] = None) -> None:
+        # Every rank of a tensor-parallel engine builds it from the same arguments.
+        engine_args = {k: v for k, v in locals().items()
+                       if k not in ("self", "model", "tokenizer", "tensor_parallel_size", "device")}
         if max_num_batched_tokens < 1 or max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
         if preemption_mode not in PREEMPTION_MODES:
@@ -115,10 +120,32 @@ class LLM:
         if swap_space_bytes is not None and preemption_mode != "swap":
             raise ValueError("swap_space_bytes sizes the swap space of "
                              "preemption_mode='swap'; pass that too, or drop swap_space_bytes")
-        if isinstance(model, (str, os.PathLike)):
+        self.tp = None  # the ranks of a tensor-parallel engine (distributed/)
+        if tensor_parallel_size != 1:
+            from ..distributed import TensorParallel
+            self.tp = TensorParallel.start(model, tensor_parallel_size, device, engine_args)
+            model = self.tp.model  # this rank's shard
+            tokenizer = self.tp.tokenizer if tokenizer is None else tokenizer
+        elif isinstance(model, (str, os.PathLike)):
             from .checkpoint import load_checkpoint
             model, saved_tokenizer = load_checkpoint(model)
             tokenizer = saved_tokenizer if tokenizer is None else tokenizer
+            model = model if device is None else model.to(device)
+        try:
+            self._build(model, tokenizer, **engine_args)
+            if self.tp is not None:  # rank 0 returns; any other rank serves until stopped
+                weakref.finalize(self, self.tp.close)
+                self.tp.connect(self.runner)
+        except BaseException:
+            if self.tp is not None:
+                self.tp.close()
+            raise
+
+    def _build(self, model, tokenizer, *, num_blocks, memory_bytes, block_size,
+               enable_prefix_caching, enable_chunked_prefill, max_num_batched_tokens,
+               max_num_seqs, max_model_len, cache_dtype, compile, compile_backend, cuda_graphs,
+               preemption_mode, swap_space_bytes, enable_cascade) -> None:
+        """Everything after the model is known: cache, scheduler, runner."""
         if isinstance(tokenizer, (str, os.PathLike)):
             from .checkpoint import load_tokenizer
             tokenizer = load_tokenizer(tokenizer)
@@ -219,7 +246,7 @@ class LLM:
         used = bm.num_blocks - bm.num_free_blocks
         if not out.scheduled:
             return StepOutput(out, [])
-        sampled = self.runner.execute(out)
+        sampled = self.runner.execute(out) if self.tp is None else self._execute_parallel(out)
         tokens = [] if sampled is None else sampled.tolist()  # the step's one device sync
         now = time.perf_counter()
         finished = self.scheduler.update(out, tokens, now)
@@ -247,6 +274,33 @@ class LLM:
         st.peak_blocks_used = max(st.peak_blocks_used, used)
         st.prefix_queries, st.prefix_hits = bm.stats.queries, bm.stats.hits
         return StepOutput(out, tokens, done, now - t0)
+
+    def _execute_parallel(self, out: SchedulerOutput) -> Optional[torch.Tensor]:
+        self.tp.check()  # a dead worker is named here, before any collective
+        try:
+            return self.runner.execute(out)
+        except RuntimeError as e:  # a collective failed: name the rank, stop every worker
+            raise self.tp.fail(e) from e
+
+    # ------------------------------------------------------------ lifecycle
+    @property
+    def is_driver(self) -> bool:
+        """True on the rank that generates: rank 0 of a tensor-parallel engine (under
+        torchrun the other ranks' LLM(...) returns once rank 0 shuts down)."""
+        return self.tp is None or self.tp.is_driver
+
+    def shutdown(self) -> None:
+        """Stop a tensor-parallel engine's workers and leave its process group
+        (idempotent; also done when the engine is collected and at exit). A
+        single-process engine has nothing to stop."""
+        if self.tp is not None:
+            self.tp.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
     # ------------------------------------------------------------ the batch API
     def generate(self, prompts: Union[Prompt, Seq[Prompt]],
