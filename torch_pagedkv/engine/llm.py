@@ -74,8 +74,9 @@ class StepOutput:
 
 
 class LLM:
-    """A paged-KV-cache engine over a PagedModel, a Hugging Face model (adapted), or the
-    path of a local Hugging Face checkpoint (loaded with from_pretrained, files only).
+    """A paged-KV-cache engine over a PagedModel, a Hugging Face model (adapted), the
+    path of a local Hugging Face checkpoint (loaded with from_pretrained, files only), or
+    a callable that builds one of these.
 
     num_blocks or memory_bytes sizes the KV cache (default: a 512 MiB budget);
     cache_dtype defaults to the model's dtype (fp8 dtypes allowed). max_model_len caps a
@@ -96,6 +97,16 @@ class LLM:
     tables start with the same blocks. None: when the planner finds a group worth it
     (cache/step_plan.py AUTO_CASCADE, measured); True: every group of 2+ sequences sharing
     1+ full blocks; False: never.
+    tensor_parallel_size: N > 1 splits the model's heads and MLP columns over N ranks
+    (torch.distributed: gloo on CPU, NCCL on CUDA with one GPU per rank; distributed/).
+    `model` is then a checkpoint path or a picklable builder (each rank builds its own);
+    N - 1 worker processes are spawned, or, under torchrun, the group's ranks are used
+    (LLM(...) on a rank other than 0 serves until rank 0 shuts down). num_blocks and
+    memory_bytes size each rank's cache, which holds that rank's KV heads. shutdown() (or
+    leaving a `with LLM(...)` block) stops the workers; a dead worker makes the next call
+    raise a RuntimeError naming its rank.
+    device: where a model given by path or builder runs ("cpu", "cuda"; default: the
+    builder's choice, and for a path with N > 1 the GPU when there is one).
     """
 
     def __init__(self, model, num_blocks: Optional[int] = None, *,
@@ -130,6 +141,9 @@ class LLM:
             from .checkpoint import load_checkpoint
             model, saved_tokenizer = load_checkpoint(model)
             tokenizer = saved_tokenizer if tokenizer is None else tokenizer
+            model = model if device is None else model.to(device)
+        elif callable(model) and not hasattr(model, "forward"):  # a builder, as for N > 1
+            model = model()
             model = model if device is None else model.to(device)
         try:
             self._build(model, tokenizer, **engine_args)
