@@ -17,6 +17,8 @@ import functools
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import time
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -160,3 +162,14 @@ def test_kv_heads_are_split_or_replicated_like_vllm():
     with pytest.raises(ValueError, match="KV heads"):
         LLM(functools.partial(TinyLlama, LlamaConfig(num_heads=12, num_kv_heads=3)),
             tensor_parallel_size=2)
+
+
+def test_torchrun_runs_the_same_script_on_every_rank():
+    """examples/tp_generate.py under torchrun: rank 0 generates, rank 1 serves."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node", "2", "-m", "examples.tp_generate"],
+                         capture_output=True, text=True, cwd=root, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("rank 0 of 2:") == 3
+    assert "one process gives the same tokens: True" in out.stdout
