@@ -8,8 +8,10 @@ Every rank builds the full model, then keeps its slice of each layer:
 Two all-reduces per layer. Query heads split evenly; KV heads too when the rank count
 divides them, else each KV head is replicated on the ranks whose query heads read it
 (vLLM's rule: tensor_parallel_size a multiple of num_kv_heads). Each rank's KV cache
-then holds its own KV heads only. Embedding and lm_head stay replicated: only rank 0
-computes logits, for the sampled rows alone (benchmarks/RESULTS.md measures their share).
+then holds its own KV heads only. The embedding stays replicated (a row lookup, no
+matmul). The lm_head, by PAGEDKV_TP_LM_HEAD: "vocab" (default) splits the vocabulary,
+each rank computes its share of the sampled rows' logits and one all-gather joins them;
+"replicated" keeps it whole on every rank (benchmarks/RESULTS.md compares the two).
 
 TinyLlama's fused qkv and gate_up projections are sliced per part. A Hugging Face model
 is sharded by transformers' own `base_model_tp_plan` ("colwise" / "rowwise" per module
@@ -17,6 +19,7 @@ pattern): its attention reshapes with -1 heads, so sliced projections just work.
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -104,6 +107,53 @@ class RowParallelLinear(nn.Module):
         return f"in_features={self.in_features} (this rank's), out_features={self.out_features}"
 
 
+# torch 2.14 renamed all_gather_into_tensor (deprecated there); older ones lack the name.
+all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+class VocabParallelLinear(nn.Module):
+    """logits = all_gather(x @ W[rows].T): each rank its share of the vocabulary (the
+    last share padded with zero rows, cut off after the gather)."""
+
+    def __init__(self, linear: nn.Linear, shard: Shard) -> None:
+        super().__init__()
+        vocab = linear.out_features
+        per = -(-vocab // shard.world)
+        rows = torch.arange(shard.rank * per, min(vocab, (shard.rank + 1) * per),
+                            device=linear.weight.device)
+
+        def share(t: Tensor) -> Tensor:
+            part = t.index_select(0, rows)
+            pad = part.new_zeros((per - rows.numel(), *part.shape[1:]))
+            return nn.Parameter(torch.cat([part, pad]), requires_grad=False)
+
+        self.weight = share(linear.weight)
+        self.bias = None if linear.bias is None else share(linear.bias)
+        self.group, self.world = shard.group, shard.world
+        self.in_features, self.out_features = linear.in_features, vocab
+
+    def forward(self, x: Tensor) -> Tensor:
+        local = F.linear(x, self.weight, self.bias)  # [n, per]
+        parts = local.new_empty((self.world * local.shape[0], local.shape[1]))
+        all_gather(parts, local, group=self.group)
+        full = parts.view(self.world, *local.shape).permute(1, 0, 2).flatten(1)
+        return full[:, :self.out_features]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features} (split)"
+
+
+LM_HEAD_MODES = ("vocab", "replicated")
+
+
+def lm_head_mode() -> str:
+    """PAGEDKV_TP_LM_HEAD: how the lm_head is sharded (module docstring)."""
+    mode = os.environ.get("PAGEDKV_TP_LM_HEAD", "vocab")
+    if mode not in LM_HEAD_MODES:
+        raise ValueError(f"PAGEDKV_TP_LM_HEAD must be one of {LM_HEAD_MODES}, got {mode!r}")
+    return mode
+
+
 # ------------------------------------------------------------------ TinyLlama
 def shard_tiny_llama(model: nn.Module, shard: Shard) -> None:
     """Shard models.llama.TinyLlama in place."""
@@ -125,6 +175,8 @@ def shard_tiny_llama(model: nn.Module, shard: Shard) -> None:
         column_parallel(layer.mlp.gate_up_proj,
                         torch.cat([mlp_cols, mlp_cols + cfg.intermediate_size]))
         layer.mlp.down_proj = RowParallelLinear(layer.mlp.down_proj, mlp_cols, shard.group)
+    if lm_head_mode() == "vocab":
+        model.lm_head = VocabParallelLinear(model.lm_head, shard)
     model.num_kv_heads = len(kv)
 
 
@@ -188,6 +240,9 @@ def shard_hf_model(paged_model: nn.Module, shard: Shard) -> None:
     for module in base.modules():
         if hasattr(module, "num_key_value_groups"):
             module.num_key_value_groups = len(q) // len(kv)
+    head = hf.get_output_embeddings()
+    if lm_head_mode() == "vocab" and isinstance(head, nn.Linear):
+        hf.set_output_embeddings(VocabParallelLinear(head, shard))
     paged_model.num_kv_heads = len(kv)
 
 

@@ -25,7 +25,8 @@ from torch import nn
 from ..engine.model_runner import ModelRunner, PlannedStep
 from . import launch
 from .launch import WorkerFailure, Workers
-from .sharding import Shard, check_divisible, hf_geometry, model_geometry, shard_model
+from .sharding import (Shard, check_divisible, hf_geometry, lm_head_mode, model_geometry,
+                       shard_model)
 from .step_broadcast import StepReceiver, StepSender
 
 ModelSource = Union[str, "os.PathLike[str]", Callable[[], nn.Module]]
@@ -105,6 +106,7 @@ class TensorParallel:
         if not isinstance(world, int) or world < 1:
             raise ValueError(f"tensor_parallel_size must be an int >= 1, got {world!r}")
         check_source(source, world)
+        lm_head_mode()  # a bad PAGEDKV_TP_LM_HEAD is refused here, not in the workers
         launched = launch.launched_group_size()
         if launched is not None and launched != world:
             raise ValueError(f"tensor_parallel_size={world}, but the process group this runs "
