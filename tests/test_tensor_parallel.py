@@ -74,6 +74,8 @@ def test_tiny_llama_two_ranks_generate_the_one_rank_tokens():
         assert st.prefix_hits > 0
         pids = [p.pid for p in workers_alive()]
         assert len(pids) == 1
+        with pytest.raises(RuntimeError, match="already runs a tensor-parallel engine"):
+            LLM(BUILD, tensor_parallel_size=2, **TINY_ARGS)  # one default group per process
     assert got == want and again == want
     assert workers_alive() == []  # the context manager stopped the worker
     with pytest.raises(RuntimeError, match="shut down"):
@@ -112,6 +114,35 @@ def test_hf_llama_checkpoint_two_ranks_generate_the_one_rank_tokens(hf_checkpoin
     finally:
         llm.shutdown()
     assert workers_alive() == []
+
+
+def build_hf(family: str):
+    """A tiny random HF model of `family` (a module-level builder: workers import it)."""
+    import transformers as T
+    common = dict(vocab_size=384, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  initializer_range=0.3, pad_token_id=0, bos_token_id=None, eos_token_id=None)
+    configs = {"mistral": lambda: T.MistralConfig(**common, sliding_window=16),  # window
+               "qwen2": lambda: T.Qwen2Config(**common)}  # q/k/v biases
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(configs[family]())
+    with torch.no_grad():  # Qwen2 zeroes its biases at init: make them matter
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0.0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_hf_builders_two_ranks_generate_the_one_rank_tokens(family):
+    pytest.importorskip("transformers")
+    build = functools.partial(build_hf, family)
+    args = dict(num_blocks=32, block_size=BLOCK, max_num_batched_tokens=16, compile=False)
+    p, params = prompts(384, seed=2), SamplingParams(max_tokens=20)
+    want = token_ids(LLM(build, **args).generate(p, params, use_tqdm=False))
+    assert len({t for w in want for s in w for t in s}) > 20, "degenerate reference"
+    with LLM(build, tensor_parallel_size=2, **args) as llm:
+        assert token_ids(llm.generate(p, params, use_tqdm=False)) == want
 
 
 def test_a_killed_worker_is_named_by_the_next_call_and_nothing_is_left():

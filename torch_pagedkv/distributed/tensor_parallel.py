@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import pickle
 import time
+import weakref
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -31,6 +32,9 @@ from .step_broadcast import StepReceiver, StepSender
 
 ModelSource = Union[str, "os.PathLike[str]", Callable[[], nn.Module]]
 FAILURE_GRACE_S = 10.0  # after a failed collective, how long a worker's death may take to show
+# The engines whose workers this process spawned: torch.distributed has one default group
+# per process, so one such engine runs at a time.
+_SPAWNED: "weakref.WeakSet[TensorParallel]" = weakref.WeakSet()
 
 
 class TensorParallelModelError(TypeError, ValueError):
@@ -106,6 +110,10 @@ class TensorParallel:
         if not isinstance(world, int) or world < 1:
             raise ValueError(f"tensor_parallel_size must be an int >= 1, got {world!r}")
         check_source(source, world)
+        if any(not tp.closed for tp in _SPAWNED):
+            raise RuntimeError("this process already runs a tensor-parallel engine, and "
+                               "torch.distributed gives a process one default group: call "
+                               "llm.shutdown() on it (or leave its `with` block) first")
         lm_head_mode()  # a bad PAGEDKV_TP_LM_HEAD is refused here, not in the workers
         launched = launch.launched_group_size()
         if launched is not None and launched != world:
@@ -133,12 +141,14 @@ class TensorParallel:
         workers = Workers(world, run_worker, (device_type, source, engine_args))
         try:
             workers.join_group(launch.backend_for(device_type))
-            return cls(0, world, model, tokenizer, workers, owns_group=True)
+            tp = cls(0, world, model, tokenizer, workers, owns_group=True)
         except BaseException:
             workers.stop(timeout=0)
             if dist.is_initialized():
                 dist.destroy_process_group()
             raise
+        _SPAWNED.add(tp)
+        return tp
 
     @classmethod
     def _join(cls, source: ModelSource, world: int, device: Optional[str]) -> "TensorParallel":
@@ -194,7 +204,8 @@ class TensorParallel:
         """After a failed step: the error to raise, naming the dead rank when one died
         (within FAILURE_GRACE_S); every worker is stopped."""
         err = cause if isinstance(cause, WorkerFailure) else None
-        deadline = time.monotonic() + FAILURE_GRACE_S
+        grace = FAILURE_GRACE_S if isinstance(cause, RuntimeError) else 0.0  # not an interrupt
+        deadline = time.monotonic() + grace
         while err is None and self.workers is not None and time.monotonic() < deadline:
             err = self.workers.failure("during a step")
             time.sleep(launch.POLL_S)
@@ -215,8 +226,9 @@ class TensorParallel:
                 self.sender.stop()
             except RuntimeError:
                 pass  # a worker already gone: the processes are stopped below
-        if self.workers is not None:
-            self.workers.stop(timeout=10.0 if self.error is None else 0.0)
+        if self.workers is not None:  # they leave by themselves after a STOP
+            stopped = self.sender is not None and self.error is None
+            self.workers.stop(timeout=10.0 if stopped else 0.0)
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 

@@ -84,7 +84,8 @@ class LLM:
     chunked prefill also max_num_batched_tokens). compile=True runs the model under
     torch.compile(fullgraph=True, dynamic=True) with compile_backend ("inductor"; "eager"
     to check tracing cheaply); the graph is shared by every engine in the process.
-    cuda_graphs (None: on when the model is on CUDA) pads decode steps to capture sizes
+    cuda_graphs (None: on when the model is on CUDA, off with tensor parallelism, whose
+    NCCL collectives in a captured graph are not tested yet) pads decode steps to capture sizes
     and replays one CUDA graph per size (engine/cuda_graphs.py); True on a CPU model runs
     the same padding with no capture.
     tokenizer (any object with encode/decode; by default the one saved beside a
@@ -209,8 +210,8 @@ class LLM:
         self._next_seq_id = 0
 
     def _want_cuda_graphs(self, cuda_graphs: Optional[bool]) -> bool:
-        if cuda_graphs is None:
-            return self.device.type == "cuda"
+        if cuda_graphs is None:  # not yet with tensor parallelism: NCCL capture is untested
+            return self.device.type == "cuda" and self.tp is None
         return bool(cuda_graphs)
 
     @property
@@ -295,6 +296,9 @@ class LLM:
             return self.runner.execute(out)
         except RuntimeError as e:  # a collective failed: name the rank, stop every worker
             raise self.tp.fail(e) from e
+        except BaseException as e:  # an interrupt mid-step leaves the ranks out of step
+            self.tp.fail(e)
+            raise
 
     # ------------------------------------------------------------ lifecycle
     @property
