@@ -52,6 +52,20 @@ def workers_alive() -> list:
     return [p for p in multiprocessing.active_children() if p.name.startswith("pagedkv-tp")]
 
 
+def child_pids() -> set[int]:
+    """Every child process of this one, of any kind (Linux /proc)."""
+    kids = set()
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == os.getpid():
+            kids.add(int(entry))
+    return kids
+
+
 # A small cache (preemption), chunks of 16 tokens, a fork with copy-on-write (n=2,
 # seeded sampling: rank 0 samples), shared prefixes as cascade attention.
 TINY_ARGS = dict(num_blocks=20, block_size=BLOCK, max_num_batched_tokens=16, compile=False,
@@ -65,6 +79,7 @@ def test_tiny_llama_two_ranks_generate_the_one_rank_tokens():
     ref_llm = LLM(BUILD(), **TINY_ARGS)
     want = token_ids(ref_llm.generate(p, TINY_PARAMS, use_tqdm=False))
     assert len({t for w in want for s in w for t in s}) > 20, "degenerate reference"
+    before = child_pids()
     with LLM(BUILD, tensor_parallel_size=2, **TINY_ARGS) as llm:
         assert llm.kv_cache.num_kv_heads == 1 and llm.is_driver  # its own KV head
         got = token_ids(llm.generate(p, TINY_PARAMS, use_tqdm=False))
@@ -78,6 +93,7 @@ def test_tiny_llama_two_ranks_generate_the_one_rank_tokens():
             LLM(BUILD, tensor_parallel_size=2, **TINY_ARGS)  # one default group per process
     assert got == want and again == want
     assert workers_alive() == []  # the context manager stopped the worker
+    assert child_pids() <= before  # and no other process it started is left
     with pytest.raises(RuntimeError, match="shut down"):
         llm.generate(p[:1], use_tqdm=False)
 
@@ -109,6 +125,7 @@ def test_hf_llama_checkpoint_two_ranks_generate_the_one_rank_tokens(hf_checkpoin
     llm = LLM(str(hf_checkpoint), tensor_parallel_size=2, **args)
     try:
         assert llm.kv_cache.num_kv_heads == 1
+        assert type(llm.model.hf_model.lm_head).__name__ == "VocabParallelLinear"
         assert token_ids(llm.generate(p, params, use_tqdm=False)) == want
         assert llm.stats.num_preemptions > 0 and llm.stats.prefix_hits > 0
     finally:
@@ -146,6 +163,7 @@ def test_hf_builders_two_ranks_generate_the_one_rank_tokens(family):
 
 
 def test_a_killed_worker_is_named_by_the_next_call_and_nothing_is_left():
+    before = child_pids()
     llm = LLM(BUILD, tensor_parallel_size=2, num_blocks=32, block_size=BLOCK, compile=False)
     p = prompts(CFG.vocab_size)
     llm.generate(p[:2], SamplingParams(max_tokens=4), use_tqdm=False)
@@ -155,7 +173,7 @@ def test_a_killed_worker_is_named_by_the_next_call_and_nothing_is_left():
     with pytest.raises(RuntimeError, match=r"rank 1 \(pid \d+\)"):
         llm.generate(p, SamplingParams(max_tokens=4), use_tqdm=False)
     assert time.monotonic() - start < 60
-    assert workers_alive() == []
+    assert workers_alive() == [] and child_pids() <= before
     with pytest.raises(RuntimeError, match="rank 1"):  # and every later call too
         llm.generate(p, SamplingParams(max_tokens=4), use_tqdm=False)
     llm.shutdown()  # harmless after a failure

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from multiprocessing import resource_tracker
 from datetime import timedelta
 from typing import Any, Callable, Optional
 
@@ -80,6 +81,10 @@ class Workers:
         self.store = dist.TCPStore(HOST, 0, world, is_master=True, wait_for_workers=False,
                                    timeout=STEP_TIMEOUT)
         ctx = mp.get_context("spawn")
+        # Spawning starts multiprocessing's resource tracker process unless it runs: one
+        # started here is stopped with the workers, so shutdown leaves no process behind.
+        self._tracker = resource_tracker._resource_tracker
+        self._own_tracker = getattr(self._tracker, "_fd", 0) is None
         self.procs = {}
         for rank in range(1, world):
             p = ctx.Process(target=target, args=(rank, world, self.store.port, os.getpid(), *args),
@@ -150,6 +155,10 @@ class Workers:
                 getattr(p, sig)()
             for p in alive:
                 p.join(2.0)
+        if self._own_tracker and not any(p.is_alive() for p in self.procs.values()
+                                         if p.pid is not None):
+            self._tracker._stop()  # restarts by itself when anything needs it again
+            self._own_tracker = False
 
 
 def worker_join(rank: int, world: int, port: int, backend: str) -> None:
