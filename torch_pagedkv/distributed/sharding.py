@@ -159,9 +159,10 @@ def shard_tiny_llama(model: nn.Module, shard: Shard) -> None:
     """Shard models.llama.TinyLlama in place."""
     cfg = model.config
     check_divisible(shard.world, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size)
-    d, q_size, kv_size = cfg.head_size, cfg.num_heads * cfg.head_size, cfg.num_kv_heads * cfg.head_size
-    q, kv, mlp = shard.heads(cfg.num_heads), shard.kv_heads(cfg.num_kv_heads), shard.part(
-        cfg.intermediate_size)
+    d = cfg.head_size
+    q_size, kv_size = cfg.num_heads * d, cfg.num_kv_heads * d
+    q, kv = shard.heads(cfg.num_heads), shard.kv_heads(cfg.num_kv_heads)
+    mlp = shard.part(cfg.intermediate_size)
     qkv_rows = torch.cat([head_rows(q, d), head_rows(kv, d, q_size),
                           head_rows(kv, d, q_size + kv_size)])
     mlp_cols = head_rows(mlp, 1)
