@@ -133,6 +133,15 @@ def test_hf_llama_checkpoint_two_ranks_generate_the_one_rank_tokens(hf_checkpoin
     assert workers_alive() == []
 
 
+def test_a_checkpoint_is_checked_before_its_weights_are_read(hf_checkpoint, monkeypatch):
+    import transformers
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights were loaded before the sizes were checked")
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_loading)
+    with pytest.raises(ValueError, match="tensor_parallel_size=3 must divide the model's 4"):
+        LLM(str(hf_checkpoint), tensor_parallel_size=3)
+
+
 def build_hf(family: str):
     """A tiny random HF model of `family` (a module-level builder: workers import it)."""
     import transformers as T
@@ -181,7 +190,7 @@ def test_a_killed_worker_is_named_by_the_next_call_and_nothing_is_left():
 
 # ---------------------------------------------------------------- refused up front
 def test_a_model_instance_is_refused_with_what_to_pass():
-    with pytest.raises(TensorParallelModelError, match="path .* or a picklable callable"):
+    with pytest.raises(TensorParallelModelError, match="path .* or a builder"):
         LLM(TinyLlama(CFG), tensor_parallel_size=2)
     with pytest.raises(TypeError, match="picklable"):
         LLM(lambda: TinyLlama(CFG), tensor_parallel_size=2)
@@ -201,6 +210,8 @@ def test_more_gpus_than_exist_is_refused():
                       intermediate_size=64 * n)
     with pytest.raises(ValueError, match=f"needs {n} GPUs"):
         LLM(functools.partial(TinyLlama, cfg), tensor_parallel_size=n, device="cuda")
+    with pytest.raises(ValueError, match=f"needs {n} GPUs"):  # before the builder runs
+        LLM(functools.partial(TinyLlama, cfg, device="cuda"), tensor_parallel_size=n)
 
 
 def test_kv_heads_are_split_or_replicated_like_vllm():

@@ -13,6 +13,7 @@ generate (`is_driver` False).
 """
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import time
@@ -47,8 +48,8 @@ def check_source(model: Any, world: int) -> None:
         raise TensorParallelModelError(
             f"LLM(model, tensor_parallel_size={world}) got an nn.Module instance "
             f"({type(model).__name__}); every rank builds the model itself, so pass the path "
-            "of a local Hugging Face checkpoint or a picklable callable that builds the full "
-            "model, e.g. functools.partial(TinyLlama, config)")
+            "of a local Hugging Face checkpoint or a builder: a picklable callable that builds "
+            "the full model, e.g. functools.partial(TinyLlama, config)")
     if isinstance(model, (str, os.PathLike)):
         return
     if not callable(model):
@@ -68,6 +69,15 @@ def check_devices(device_type: str, world: int) -> None:
     if device_type == "cuda" and world > torch.cuda.device_count():
         raise ValueError(f"tensor_parallel_size={world} needs {world} GPUs (one per rank), "
                          f"this machine has {torch.cuda.device_count()}")
+
+
+def builder_device(source: ModelSource) -> Optional[str]:
+    """The device a functools.partial builder names (its `device` keyword), else None:
+    the GPU count is checked before the builder runs where that tells it."""
+    if isinstance(source, functools.partial):
+        device = source.keywords.get("device")
+        return None if device is None else str(device)
+    return None
 
 
 def build_model(source: ModelSource, device: Optional[torch.device]) -> tuple[nn.Module, Any]:
@@ -122,8 +132,9 @@ class TensorParallel:
         path = isinstance(source, (str, os.PathLike))
         if device is None and path:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device is not None:
-            check_devices(torch.device(device).type, world)
+        hint = device if device is not None else builder_device(source)
+        if hint is not None:
+            check_devices(torch.device(hint).type, world)
         if path:  # the heads are known before any weight is read
             from ..engine.checkpoint import load_checkpoint_config
             heads, kv, _, inter = hf_geometry(load_checkpoint_config(source))
