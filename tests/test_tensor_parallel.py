@@ -188,6 +188,20 @@ def test_a_killed_worker_is_named_by_the_next_call_and_nothing_is_left():
     llm.shutdown()  # harmless after a failure
 
 
+def build_only_in_rank0() -> TinyLlama:
+    if multiprocessing.parent_process() is not None:  # a spawned worker
+        raise RuntimeError("this worker cannot build its model")
+    return TinyLlama(CFG)
+
+
+def test_a_worker_that_fails_to_start_is_named():
+    before = child_pids()
+    with pytest.raises(RuntimeError, match=r"rank 1 \(pid \d+\) exited with code 1 while "
+                                           "starting"):
+        LLM(build_only_in_rank0, tensor_parallel_size=2, num_blocks=8, compile=False)
+    assert child_pids() <= before
+
+
 # ---------------------------------------------------------------- refused up front
 def test_a_model_instance_is_refused_with_what_to_pass():
     with pytest.raises(TensorParallelModelError, match="path .* or a builder"):

@@ -102,12 +102,12 @@ class TensorParallel:
     """This process's rank of a tensor-parallel engine (see the module docstring)."""
 
     def __init__(self, rank: int, world: int, model: nn.Module, tokenizer: Any,
-                 workers: Optional[Workers], owns_group: bool) -> None:
+                 workers: Optional[Workers], owns_group: bool, plan_group: Any) -> None:
         self.rank, self.world = rank, world
         self.model, self.tokenizer = model, tokenizer
         self.workers = workers
         self.owns_group = owns_group
-        self.plan_group = launch.plan_group()
+        self.plan_group = plan_group
         shard_model(model, Shard(rank, world))
         self.sender: Optional[StepSender] = None
         self.error: Optional[Exception] = None
@@ -152,7 +152,7 @@ class TensorParallel:
         workers = Workers(world, run_worker, (device_type, source, engine_args))
         try:
             workers.join_group(launch.backend_for(device_type))
-            tp = cls(0, world, model, tokenizer, workers, owns_group=True)
+            tp = cls(0, world, model, tokenizer, workers, True, launch.plan_group())
         except BaseException:
             workers.stop(timeout=0)
             if dist.is_initialized():
@@ -166,10 +166,11 @@ class TensorParallel:
         """A rank of an existing group (torchrun, or a spawned worker)."""
         device_type = device or ("cuda" if torch.cuda.is_available() else "cpu")
         owns = launch.join_existing(device_type)
+        plan_group = launch.plan_group()  # before building: rank 0 then sees a failed build
         rank = dist.get_rank()
         model, tokenizer = build_model(source, launch.local_device(device_type, rank))
         check_divisible(world, *model_geometry(model))
-        return cls(rank, world, model, tokenizer if rank == 0 else None, None, owns)
+        return cls(rank, world, model, tokenizer if rank == 0 else None, None, owns, plan_group)
 
     # ------------------------------------------------------------ running
     @property
@@ -181,8 +182,11 @@ class TensorParallel:
         rank 0 sends its steps from `runner`, and any other rank serves them."""
         if self.is_driver:
             self.sender = StepSender(runner, self.plan_group)
-            self._collective(dist.barrier(group=self.plan_group, async_op=True),
-                             "while starting")
+            try:
+                self._collective(dist.barrier(group=self.plan_group, async_op=True),
+                                 "while starting")
+            except RuntimeError as e:
+                raise self.fail(e, "while starting") from e
             runner.send_step = self.sender.send
             return
         receiver = StepReceiver(runner, self.plan_group)
@@ -211,18 +215,19 @@ class TensorParallel:
             if err is not None:
                 raise self.fail(err)
 
-    def fail(self, cause: Exception) -> Exception:
-        """After a failed step: the error to raise, naming the dead rank when one died
-        (within FAILURE_GRACE_S); every worker is stopped."""
+    def fail(self, cause: BaseException, what: str = "during a step") -> Exception:
+        """After a failed collective: the error to raise, naming the dead rank when one
+        died (within FAILURE_GRACE_S); every worker is stopped."""
         err = cause if isinstance(cause, WorkerFailure) else None
         grace = FAILURE_GRACE_S if isinstance(cause, RuntimeError) else 0.0  # not an interrupt
         deadline = time.monotonic() + grace
         while err is None and self.workers is not None and time.monotonic() < deadline:
-            err = self.workers.failure("during a step")
+            err = self.workers.failure(what)
             time.sleep(launch.POLL_S)
         if err is None:
-            err = WorkerFailure(f"a tensor-parallel step failed on rank {self.rank}: {cause}; "
-                                "the engine has stopped its workers")
+            err = WorkerFailure(f"tensor-parallel rank {self.rank} failed {what}: "
+                                f"{type(cause).__name__}: {cause}; the engine has stopped "
+                                "its workers")
         self.error = err
         self.close()
         return err
