@@ -14,6 +14,7 @@ generate (`is_driver` False).
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import pickle
 import time
@@ -120,6 +121,8 @@ class TensorParallel:
         if not isinstance(world, int) or world < 1:
             raise ValueError(f"tensor_parallel_size must be an int >= 1, got {world!r}")
         check_source(source, world)
+        if any(not tp.closed for tp in _SPAWNED):
+            gc.collect()  # an engine nobody holds, kept only by a reference cycle, closes
         if any(not tp.closed for tp in _SPAWNED):
             raise RuntimeError("this process already runs a tensor-parallel engine, and "
                                "torch.distributed gives a process one default group: call "
