@@ -198,9 +198,11 @@ On 8 GPUs with NCCL the balance is another one. Each GPU holds 1/8 of the weight
 of the KV cache (a 70B model in bf16 fits 8 x 80 GB, not one), and decode is bound by
 reading weights, so a step's weight reads per GPU drop 8x while the GPUs read in
 parallel. An all-reduce of a decode step's hidden states is a few KB to a few MB over
-NVLink, latency-bound at these sizes (microseconds per call, not the ~1 ms of gloo on
-loopback here), 2 per layer: with 80 layers 160 calls per step, which CUDA graphs capture
-with the rest of the decode step so the host issues none of them one by one. The cost
+NVLink, latency-bound at these sizes (microseconds per call, not the ~0.5 ms of gloo on
+loopback here), 2 per layer: with 80 layers 160 calls per step, which a CUDA graph can
+capture with the rest of the decode step so the host issues none of them one by one
+(vLLM does; here `cuda_graphs=True` tries it, untested, and N > 1 runs without graphs
+by default). The cost
 that grows with N is that latency times the layer count, against weight reads that
 shrink as 1/N: the reason TP stays within a node (NVLink) and pipeline parallelism is
 used across nodes. What stays on rank 0 here, the scheduler, the plan broadcast over
