@@ -12,9 +12,9 @@ cascade tensors when the step has prefix groups), then, before running it, broad
 
 Every other rank receives both into its own runner's host buffers (the same sizes: it
 was built with the same engine arguments) and replays the step (ModelRunner.replay).
-No pickles, no per-step allocation once the payload buffer has grown to the largest
-step; the broadcasts run over a gloo group on the host, so a CUDA step's plan never
-waits for the device.
+No pickles in the hot path, and one payload buffer reused by every step (grown only
+for a larger one); the broadcasts run over a gloo group on the host, so a CUDA step's
+plan never waits for the device.
 """
 from __future__ import annotations
 
