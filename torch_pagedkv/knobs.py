@@ -18,6 +18,9 @@ PAGEDKV_LAUNCH_CONFIGS     a launch-config file whose entries win over the shipp
                            (tuning/table.py), read at the first CUDA launch
 PAGEDKV_HASH_SEED          seed of the prefix-cache block hashes when the BlockManager gets
                            no hash_seed (cache/block_hash.py); unset: random per process
+PAGEDKV_TP_LM_HEAD         vocab (default) or replicated: a tensor-parallel engine splits
+                           the lm_head by vocabulary (an all-gather of the logits) or keeps
+                           it whole on every rank (distributed/sharding.py)
 =========================  =================================================================
 
 Run time, kernels: each is read once per process, at the first op call, and can then be

@@ -304,9 +304,7 @@ class StepPlanner:
                 f"max_blocks_per_seq is {width}"
             )
 
-        if self._copy_pending:  # the last copy must be done reading the host buffers
-            self._copied.synchronize()
-            self._copy_pending = False
+        self.wait_host_free()
         slot, table, positions = self._slot, self._table, self._positions
         lens: list[int] = []
         starts = [0]
@@ -333,34 +331,57 @@ class StepPlanner:
             self._qsl[num_seqs] = q + pad_tokens
             table[num_seqs - 1, :pad_blocks] = 0
 
-        sizes = (n_tokens, num_seqs, num_seqs, num_seqs + 1)
-        copies = list(zip(self._dev, self._host, sizes))
         groups = []
         if self.max_prefix_entries > 1 and n_seqs >= self.cascade.min_seqs:
             full = np.fromiter(((r[3] - r[5]) // bs if r[5] else 0 for r in rows),
                                dtype=np.int64, count=n_seqs)
             groups = find_prefix_groups(table[:n_seqs], full, bs, self.cascade)
+        cascade_rows = q + pad_tokens if groups else 0
         if groups:
-            q_rows = q + pad_tokens
-            self._plan_cascade(groups, num_seqs, q_rows)
+            self._plan_cascade(groups, num_seqs, cascade_rows)
+        return self.publish(n_tokens, num_seqs, real_tokens=t, real_seqs=n_seqs,
+                            cascade_rows=cascade_rows, num_groups=len(groups),
+                            shared_tokens=tuple(g[0] * bs for g in groups))
+
+    def wait_host_free(self) -> None:
+        """Wait until the last step's copies are done reading the host buffers (CUDA
+        only; call before writing them)."""
+        if self._copy_pending:
+            self._copied.synchronize()
+            self._copy_pending = False
+
+    def host_views(self, num_tokens: int, num_seqs: int,
+                   cascade_rows: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(device buffer, host buffer) pairs, each cut to a step of these sizes: the
+        plain tensors, then the cascade ones when cascade_rows > 0 (its query rows)."""
+        sizes = [num_tokens, num_seqs, num_seqs, num_seqs + 1]
+        pairs = list(zip(self._dev, self._host))
+        if cascade_rows:
             e = self.max_prefix_entries
-            cascade_sizes = (q_rows, q_rows, e, e, e + 1, num_seqs, num_seqs, num_seqs + 1)
-            copies += zip(self._cascade_dev, self._cascade_host, cascade_sizes)
+            sizes += [cascade_rows, cascade_rows, e, e, e + 1, num_seqs, num_seqs, num_seqs + 1]
+            pairs += zip(self._cascade_dev, self._cascade_host)
+        return [(dev[:n], host[:n]) for (dev, host), n in zip(pairs, sizes)]
+
+    def publish(self, num_tokens: int, num_seqs: int, *, real_tokens: int, real_seqs: int,
+                cascade_rows: int = 0, num_groups: int = 0,
+                shared_tokens: tuple[int, ...] = ()) -> AttentionMetadata:
+        """Copy a step's host buffers to the device and return its metadata (views of
+        the device buffers). ``plan`` ends here; a tensor-parallel worker, whose host
+        buffers hold the step rank 0 planned (distributed/step_broadcast.py), starts
+        here."""
+        views = self.host_views(num_tokens, num_seqs, cascade_rows)
         if self._dev is not self._host:
-            for dev, host, n in copies:
-                dev[:n].copy_(host[:n], non_blocking=True)
+            for dev, host in views:
+                dev.copy_(host, non_blocking=True)
             if self._copied is not None:
                 self._copied.record()
                 self._copy_pending = True
-        slot_mapping, block_table, seq_lens, qsl = (
-            buf[:n] for buf, n in zip(self._dev, sizes)
-        )
+        dev = [d for d, _ in views]
         cascade = None
-        if groups:
-            cascade = CascadeMetadata(
-                *(buf[:n] for buf, n in zip(self._cascade_dev, cascade_sizes)),
-                num_groups=len(groups), shared_tokens=tuple(g[0] * bs for g in groups))
-        return AttentionMetadata(slot_mapping, block_table, seq_lens, qsl, t, n_seqs, cascade)
+        if cascade_rows:
+            cascade = CascadeMetadata(*dev[4:], num_groups=num_groups,
+                                      shared_tokens=shared_tokens)
+        return AttentionMetadata(*dev[:4], real_tokens, real_seqs, cascade)
 
     def _plan_cascade(self, groups: list[tuple[int, list[int]]], num_seqs: int,
                       q_rows: int) -> None:

@@ -32,6 +32,19 @@ def _transformers():
 def load_checkpoint(path: PathLike) -> tuple[Any, Optional[Any]]:
     """(the causal LM at `path`, its tokenizer or None when none is saved there)."""
     path = os.fspath(path)
+    load_checkpoint_config(path)
+    tf = _transformers()
+    try:
+        model = tf.AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
+                                                        dtype="auto")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"LLM({path!r}): transformers could not load the checkpoint: {e}") from e
+    return model, load_tokenizer(path) if has_tokenizer(path) else None
+
+
+def load_checkpoint_config(path: PathLike) -> Any:
+    """The config of the causal LM checkpoint at `path`, checked (no weights read)."""
+    path = os.fspath(path)
     if not os.path.isdir(path):
         raise CheckpointNotFoundError(
             f"LLM({path!r}): no such directory. Pass the directory of a Hugging Face "
@@ -50,12 +63,7 @@ def load_checkpoint(path: PathLike) -> tuple[Any, Optional[Any]]:
             f"LLM({path!r}): the checkpoint holds {', '.join(archs) or config.model_type}, "
             "not a causal language model (a *ForCausalLM); the engine generates with "
             "decoder-only causal LMs")
-    try:
-        model = tf.AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
-                                                        dtype="auto")
-    except (OSError, ValueError) as e:
-        raise ValueError(f"LLM({path!r}): transformers could not load the checkpoint: {e}") from e
-    return model, load_tokenizer(path) if has_tokenizer(path) else None
+    return config
 
 
 def has_tokenizer(path: PathLike) -> bool:

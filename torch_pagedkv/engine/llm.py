@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 from functools import partial
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Sequence as Seq, Union
@@ -73,8 +74,9 @@ class StepOutput:
 
 
 class LLM:
-    """A paged-KV-cache engine over a PagedModel, a Hugging Face model (adapted), or the
-    path of a local Hugging Face checkpoint (loaded with from_pretrained, files only).
+    """A paged-KV-cache engine over a PagedModel, a Hugging Face model (adapted), the
+    path of a local Hugging Face checkpoint (loaded with from_pretrained, files only), or
+    a callable that builds one of these.
 
     num_blocks or memory_bytes sizes the KV cache (default: a 512 MiB budget);
     cache_dtype defaults to the model's dtype (fp8 dtypes allowed). max_model_len caps a
@@ -82,7 +84,8 @@ class LLM:
     chunked prefill also max_num_batched_tokens). compile=True runs the model under
     torch.compile(fullgraph=True, dynamic=True) with compile_backend ("inductor"; "eager"
     to check tracing cheaply); the graph is shared by every engine in the process.
-    cuda_graphs (None: on when the model is on CUDA) pads decode steps to capture sizes
+    cuda_graphs (None: on when the model is on CUDA, off with tensor parallelism, whose
+    NCCL collectives in a captured graph are not tested yet) pads decode steps to capture sizes
     and replays one CUDA graph per size (engine/cuda_graphs.py); True on a CPU model runs
     the same padding with no capture.
     tokenizer (any object with encode/decode; by default the one saved beside a
@@ -95,6 +98,16 @@ class LLM:
     tables start with the same blocks. None: when the planner finds a group worth it
     (cache/step_plan.py AUTO_CASCADE, measured); True: every group of 2+ sequences sharing
     1+ full blocks; False: never.
+    tensor_parallel_size: N > 1 splits the model's heads and MLP columns over N ranks
+    (torch.distributed: gloo on CPU, NCCL on CUDA with one GPU per rank; distributed/).
+    `model` is then a checkpoint path or a picklable builder (each rank builds its own);
+    N - 1 worker processes are spawned, or, under torchrun, the group's ranks are used
+    (LLM(...) on a rank other than 0 serves until rank 0 shuts down). num_blocks and
+    memory_bytes size each rank's cache, which holds that rank's KV heads. shutdown() (or
+    leaving a `with LLM(...)` block) stops the workers; a dead worker makes the next call
+    raise a RuntimeError naming its rank.
+    device: where a model given by path or builder runs ("cpu", "cuda"; default: the
+    builder's choice, and for a path with N > 1 the GPU when there is one).
     """
 
     def __init__(self, model, num_blocks: Optional[int] = None, *,
@@ -106,7 +119,11 @@ class LLM:
                  cuda_graphs: Optional[bool] = None,
                  tokenizer: Any = None, preemption_mode: str = "recompute",
                  swap_space_bytes: Optional[int] = None,
-                 enable_cascade: Optional[bool] = None) -> None:
+                 enable_cascade: Optional[bool] = None, tensor_parallel_size: int = 1,
+                 device: Union[str, torch.device, None] = None) -> None:
+        # Every rank of a tensor-parallel engine builds it from the same arguments.
+        engine_args = {k: v for k, v in locals().items()
+                       if k not in ("self", "model", "tokenizer", "tensor_parallel_size", "device")}
         if max_num_batched_tokens < 1 or max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
         if preemption_mode not in PREEMPTION_MODES:
@@ -115,10 +132,35 @@ class LLM:
         if swap_space_bytes is not None and preemption_mode != "swap":
             raise ValueError("swap_space_bytes sizes the swap space of "
                              "preemption_mode='swap'; pass that too, or drop swap_space_bytes")
-        if isinstance(model, (str, os.PathLike)):
+        self.tp = None  # the ranks of a tensor-parallel engine (distributed/)
+        if tensor_parallel_size != 1:
+            from ..distributed import TensorParallel
+            self.tp = TensorParallel.start(model, tensor_parallel_size, device, engine_args)
+            model = self.tp.model  # this rank's shard
+            tokenizer = self.tp.tokenizer if tokenizer is None else tokenizer
+        elif isinstance(model, (str, os.PathLike)):
             from .checkpoint import load_checkpoint
             model, saved_tokenizer = load_checkpoint(model)
             tokenizer = saved_tokenizer if tokenizer is None else tokenizer
+            model = model if device is None else model.to(device)
+        elif callable(model) and not hasattr(model, "forward"):  # a builder, as for N > 1
+            model = model()
+            model = model if device is None else model.to(device)
+        try:
+            self._build(model, tokenizer, **engine_args)
+            if self.tp is not None:  # rank 0 returns; any other rank serves until stopped
+                weakref.finalize(self, self.tp.close)
+                self.tp.connect(self.runner)
+        except BaseException:
+            if self.tp is not None:
+                self.tp.close()
+            raise
+
+    def _build(self, model, tokenizer, *, num_blocks, memory_bytes, block_size,
+               enable_prefix_caching, enable_chunked_prefill, max_num_batched_tokens,
+               max_num_seqs, max_model_len, cache_dtype, compile, compile_backend, cuda_graphs,
+               preemption_mode, swap_space_bytes, enable_cascade) -> None:
+        """Everything after the model is known: cache, scheduler, runner."""
         if isinstance(tokenizer, (str, os.PathLike)):
             from .checkpoint import load_tokenizer
             tokenizer = load_tokenizer(tokenizer)
@@ -168,8 +210,8 @@ class LLM:
         self._next_seq_id = 0
 
     def _want_cuda_graphs(self, cuda_graphs: Optional[bool]) -> bool:
-        if cuda_graphs is None:
-            return self.device.type == "cuda"
+        if cuda_graphs is None:  # not yet with tensor parallelism: NCCL capture is untested
+            return self.device.type == "cuda" and self.tp is None
         return bool(cuda_graphs)
 
     @property
@@ -219,7 +261,7 @@ class LLM:
         used = bm.num_blocks - bm.num_free_blocks
         if not out.scheduled:
             return StepOutput(out, [])
-        sampled = self.runner.execute(out)
+        sampled = self.runner.execute(out) if self.tp is None else self._execute_parallel(out)
         tokens = [] if sampled is None else sampled.tolist()  # the step's one device sync
         now = time.perf_counter()
         finished = self.scheduler.update(out, tokens, now)
@@ -247,6 +289,36 @@ class LLM:
         st.peak_blocks_used = max(st.peak_blocks_used, used)
         st.prefix_queries, st.prefix_hits = bm.stats.queries, bm.stats.hits
         return StepOutput(out, tokens, done, now - t0)
+
+    def _execute_parallel(self, out: SchedulerOutput) -> Optional[torch.Tensor]:
+        self.tp.check()  # a dead worker is named here, before any collective
+        try:
+            return self.runner.execute(out)
+        except RuntimeError as e:  # a collective failed: name the rank, stop every worker
+            raise self.tp.fail(e) from e
+        except BaseException as e:  # an interrupt mid-step leaves the ranks out of step
+            self.tp.fail(e)
+            raise
+
+    # ------------------------------------------------------------ lifecycle
+    @property
+    def is_driver(self) -> bool:
+        """True on the rank that generates: rank 0 of a tensor-parallel engine (under
+        torchrun the other ranks' LLM(...) returns once rank 0 shuts down)."""
+        return self.tp is None or self.tp.is_driver
+
+    def shutdown(self) -> None:
+        """Stop a tensor-parallel engine's workers and leave its process group
+        (idempotent; also done when the engine is collected and at exit). A
+        single-process engine has nothing to stop."""
+        if self.tp is not None:
+            self.tp.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
     # ------------------------------------------------------------ the batch API
     def generate(self, prompts: Union[Prompt, Seq[Prompt]],

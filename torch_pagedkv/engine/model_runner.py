@@ -23,7 +23,8 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -109,8 +110,33 @@ class CompiledStep:
         return out, self.num_graphs - before
 
 
+@dataclass
+class PlannedStep:
+    """One step's sizes and block moves as planned on the host: with the contents of
+    the host buffers (ModelRunner.host_views), all that running it takes. A
+    tensor-parallel rank 0 sends both to the other ranks, which replay the step.
+
+    num_tokens, num_rows, num_seqs: padded sizes of the token, sampled-row and sequence
+    buffers; real_tokens, real_seqs: before padding; graph_size: the decode graph's
+    capture size, 0 for none; cascade_rows: query rows of the cascade tensors, 0 on a
+    plain step; copies, swap_out, swap_in: (src, dst) block pairs moved first.
+    """
+
+    num_tokens: int
+    num_rows: int
+    num_seqs: int
+    real_tokens: int
+    real_seqs: int
+    graph_size: int = 0
+    cascade_rows: int = 0
+    num_groups: int = 0
+    copies: list[tuple[int, int]] = field(default_factory=list)
+    swap_out: list[tuple[int, int]] = field(default_factory=list)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)
+
+
 class ModelRunner:
-    def __init__(self, model, kv_cache: KVCache, block_manager: BlockManager, *,
+    def __init__(self, model, kv_cache: KVCache, block_manager: Union[BlockManager, int], *,
                  max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
                  compile: bool = True, compile_backend: str = "inductor",
                  swap: Optional[SwapSpace] = None, cuda_graphs: bool = False,
@@ -124,7 +150,7 @@ class ModelRunner:
         padded = self.graphs.max_size if self.graphs is not None else 0
         self.max_num_tokens = max(max_num_batched_tokens, MIN_SIZE, padded)
         self.max_num_rows = max(max_num_seqs, MIN_SIZE, padded)
-        bs = block_manager.block_size
+        bs = getattr(block_manager, "block_size", block_manager)
         self.planner = StepPlanner(block_manager,
                                    max_num_seqs=max(max_num_seqs + 1, MIN_SIZE, padded + 1),
                                    max_num_tokens=self.max_num_tokens,
@@ -145,19 +171,16 @@ class ModelRunner:
         self.compiled = CompiledStep.get(compile_backend) if compile else None
         self.num_compiled_graphs = 0  # graphs compiled while this runner ran
         self.last_metadata: Optional[AttentionMetadata] = None  # the last step's (trace, tests)
+        # Called with each planned step before it runs (its host buffers hold it): rank 0
+        # of a tensor-parallel engine sends it to the other ranks (distributed/).
+        self.send_step: Optional[Callable[[PlannedStep], None]] = None
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> Optional[Tensor]:
         """Run one step without waiting for the device: returns the sampled tokens (int64,
         one per sampler, in scheduled order) as a device tensor, None if none sampled."""
-        if out.swap_out:  # before anything writes the blocks they leave
-            self.swap.swap_out(out.swap_out)
-        if out.copies:  # copy-on-write of forked partial blocks, before anything writes
-            self.kv_cache.copy_blocks(out.copies)
-        if out.swap_in:
-            self.swap.swap_in(out.swap_in)
-        if self._copied is not None:
-            self._copied.synchronize()  # waits for last step's input copies only
+        self.move_blocks(out.swap_out, out.copies, out.swap_in)
+        self.wait_host_free()
         ids, pos, rows = self._np["ids"], self._np["pos"], self._np["rows"]
         steps = []
         samplers = []
@@ -174,12 +197,12 @@ class ModelRunner:
         # A decode-shaped step (one token per sequence) is padded to its capture size:
         # fixed shapes, so its graph replays; any other step is padded only to the
         # MIN_SIZE the dynamic-shape graph needs.
-        graph_size = None
+        graph_size = 0
         if self.graphs is not None and t == len(steps) <= self.graphs.max_size:
             graph_size = max(self.graphs.size_for(t), MIN_SIZE)
             if len(samplers) > graph_size:  # a prompt's last token seeding n samples
-                graph_size = None
-        if graph_size is not None:
+                graph_size = 0
+        if graph_size:
             num_tokens = num_rows = graph_size
             num_seqs = graph_size + 1  # the spare row owns the padding tokens
         else:
@@ -190,23 +213,69 @@ class ModelRunner:
         pos[t:num_tokens] = 0
         rows[len(samplers):num_rows] = 0
         metadata = self.planner.plan(steps, num_tokens=num_tokens, num_seqs=num_seqs)
-        sizes = {"ids": num_tokens, "pos": num_tokens, "rows": num_rows}
+        cascade = metadata.cascade
+        step = PlannedStep(num_tokens, num_rows, num_seqs, t, len(steps), graph_size,
+                           cascade_rows=0 if cascade is None else cascade.query_order.shape[0],
+                           num_groups=0 if cascade is None else cascade.num_groups,
+                           copies=out.copies, swap_out=out.swap_out, swap_in=out.swap_in)
+        if self.send_step is not None:
+            self.send_step(step)
+        logits = self.run(step, metadata)
+        if not samplers:
+            return None
+        return sample(logits[:len(samplers)], samplers)
+
+    def move_blocks(self, swap_out, copies, swap_in) -> None:
+        """A step's block moves, in the order that keeps every block's content right."""
+        if swap_out:  # before anything writes the blocks they leave
+            self.swap.swap_out(swap_out)
+        if copies:  # copy-on-write of forked partial blocks, before anything writes
+            self.kv_cache.copy_blocks(copies)
+        if swap_in:
+            self.swap.swap_in(swap_in)
+
+    def wait_host_free(self) -> None:
+        """Wait until last step's input copies are done reading the host buffers."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        self.planner.wait_host_free()
+
+    def host_views(self, step: PlannedStep) -> list[Tensor]:
+        """The host buffers a step occupies (token ids, positions, sampled rows, then
+        the planner's), each cut to the step's sizes."""
+        mine = [self._host["ids"][:step.num_tokens], self._host["pos"][:step.num_tokens],
+                self._host["rows"][:step.num_rows]]
+        planned = self.planner.host_views(step.num_tokens, step.num_seqs, step.cascade_rows)
+        return mine + [host for _, host in planned]
+
+    @torch.inference_mode()
+    def replay(self, step: PlannedStep) -> None:
+        """Run a step another rank planned, whose host buffers were filled from its
+        (distributed/step_broadcast.py): the block moves, then the model."""
+        self.move_blocks(step.swap_out, step.copies, step.swap_in)
+        metadata = self.planner.publish(step.num_tokens, step.num_seqs,
+                                        real_tokens=step.real_tokens, real_seqs=step.real_seqs,
+                                        cascade_rows=step.cascade_rows,
+                                        num_groups=step.num_groups)
+        self.run(step, metadata)
+
+    def run(self, step: PlannedStep, metadata: AttentionMetadata) -> Tensor:
+        """The device part of a planned step: inputs to the device, then the model (a
+        decode graph's replay when the step was padded to one); returns the logits."""
+        sizes = {"ids": step.num_tokens, "pos": step.num_tokens, "rows": step.num_rows}
         if self._dev is not self._host:
             for k, n in sizes.items():
                 self._dev[k][:n].copy_(self._host[k][:n], non_blocking=True)
             if self._copied is not None:
                 self._copied.record()
         self.last_metadata = metadata
-        args = (self.model, self._dev["ids"][:num_tokens], self._dev["pos"][:num_tokens],
-                self._dev["rows"][:num_rows], self.kv_caches, metadata, self.kv_scales)
-        if graph_size is not None:
-            logits = self.graphs.run(graph_size, lambda: self._forward(args),
-                                     cascade=metadata.cascade is not None)
-        else:
-            logits = self._forward(args)
-        if not samplers:
-            return None
-        return sample(logits[:len(samplers)], samplers)
+        args = (self.model, self._dev["ids"][:step.num_tokens],
+                self._dev["pos"][:step.num_tokens], self._dev["rows"][:step.num_rows],
+                self.kv_caches, metadata, self.kv_scales)
+        if step.graph_size:
+            return self.graphs.run(step.graph_size, lambda: self._forward(args),
+                                   cascade=metadata.cascade is not None)
+        return self._forward(args)
 
     def _forward(self, args) -> Tensor:
         if self.compiled is None:
