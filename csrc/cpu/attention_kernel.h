@@ -170,7 +170,7 @@ inline void prefetch_rows(const cache_t* rows, int64_t stride, int n, int64_t he
   const int64_t bytes = head_size * int64_t(sizeof(cache_t));
   for (int j = 0; j < n; ++j) {
     const char* r = reinterpret_cast<const char*>(rows + j * stride);
-    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(r + b, 0, 3);
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(r + b, 0, 2);
   }
 }
 
