@@ -23,6 +23,7 @@ struct AttnArgs {
   float scale, softcap, k_scale, v_scale;
   int64_t sliding_window;
   bool causal;  // false: every query row of a sequence sees all of its seq_len keys
+  bool serial;  // small work: run on the calling thread, no OpenMP region
   int num_heads, num_kv_heads, head_size, block_size;
 };
 

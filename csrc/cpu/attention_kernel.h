@@ -244,6 +244,85 @@ inline void qk_tile4x4_bf16(const uint16_t* q, int64_t ld, const c10::BFloat16* 
   }
   store_tile4x4(hsum16(acc), mul, s, s_ld);
 }
+
+// P.V with vdpbf16ps: two value rows j, j+1 interleaved per dimension (vpunpck{l,h}wd:
+// lane i of `lo` holds (v_j[d], v_j+1[d]) for d = 8 * (i / 4) + i % 4 of the 32-dim chunk,
+// `hi` the same 4 dims further) against the broadcast probability pair (p_j, p_j+1)
+// rounded to bf16, as GPU flash-attention kernels do (the running sum l stays float32).
+// One instruction does 2 rows x 16 dims, and V is never widened to float32. The
+// accumulator rows keep that unpack order; unpermute_pv_chunks restores it at the end.
+inline __m512i load_bf16_chunk(const c10::BFloat16* r, int64_t d, int64_t D, bool whole) {
+  return whole || d + 32 <= D ? _mm512_loadu_si512(r + d)
+                              : _mm512_maskz_loadu_epi16(__mmask32((1ull << (D - d)) - 1), r + d);
+}
+
+// acc_v (C chunks of 32 dims from d, unpack order) += P_v . V over n rows; p2 holds the
+// bf16 probability pairs of vector v at p2[v * p2_ld + j / 2].
+template <int NQ, int C, int HEAD>
+inline void pv_chunks_bf16(float* acc, int64_t ld, const uint32_t* p2, int64_t p2_ld,
+                           const c10::BFloat16* vrow, int64_t v_stride, int n, int64_t d,
+                           int64_t D) {
+  constexpr bool whole = HEAD != 0 && HEAD % 32 == 0;
+  __m512 lo[NQ][C], hi[NQ][C];
+  for (int v = 0; v < NQ; ++v)
+    for (int c = 0; c < C; ++c) {
+      lo[v][c] = _mm512_loadu_ps(acc + v * ld + d + 32 * c);
+      hi[v][c] = _mm512_loadu_ps(acc + v * ld + d + 32 * c + 16);
+    }
+  auto rows = [&](int j, const c10::BFloat16* r0, const c10::BFloat16* r1) {
+    __m512i x[C][2];
+    for (int c = 0; c < C; ++c) {
+      const __m512i a = load_bf16_chunk(r0, d + 32 * c, D, whole);
+      const __m512i b = r1 ? load_bf16_chunk(r1, d + 32 * c, D, whole) : _mm512_setzero_si512();
+      x[c][0] = _mm512_unpacklo_epi16(a, b);
+      x[c][1] = _mm512_unpackhi_epi16(a, b);
+    }
+    for (int v = 0; v < NQ; ++v) {
+      const __m512bh pv = (__m512bh)_mm512_set1_epi32(int(p2[v * p2_ld + j / 2]));
+      for (int c = 0; c < C; ++c) {
+        lo[v][c] = _mm512_dpbf16_ps(lo[v][c], pv, (__m512bh)x[c][0]);
+        hi[v][c] = _mm512_dpbf16_ps(hi[v][c], pv, (__m512bh)x[c][1]);
+      }
+    }
+  };
+  int j = 0;
+  for (; j + 2 <= n; j += 2) rows(j, vrow + j * v_stride, vrow + (j + 1) * v_stride);
+  if (j < n) rows(j, vrow + j * v_stride, nullptr);  // odd row count: pairs with zeros
+  for (int v = 0; v < NQ; ++v)
+    for (int c = 0; c < C; ++c) {
+      _mm512_storeu_ps(acc + v * ld + d + 32 * c, lo[v][c]);
+      _mm512_storeu_ps(acc + v * ld + d + 32 * c + 16, hi[v][c]);
+    }
+}
+
+// Two chunks (64 dims) per pass: 16 accumulators for 4 vectors, each probability
+// broadcast feeds 4 instructions.
+template <int NQ, int HEAD>
+inline void pv_accumulate_bf16(float* acc, int64_t ld, const uint32_t* p2, int64_t p2_ld,
+                               const c10::BFloat16* vrow, int64_t v_stride, int n,
+                               int64_t head_size) {
+  const int64_t D = HEAD ? HEAD : head_size;
+  int64_t d = 0;
+  for (; d + 32 < D; d += 64) pv_chunks_bf16<NQ, 2, HEAD>(acc, ld, p2, p2_ld, vrow, v_stride, n, d, D);
+  if (d < D) pv_chunks_bf16<NQ, 1, HEAD>(acc, ld, p2, p2_ld, vrow, v_stride, n, d, D);
+}
+
+// n probabilities -> bf16 pairs (p[2i], p[2i+1]) as one uint32 each; n a multiple of 16.
+inline void pack_prob_pairs(const float* p, int64_t n, uint32_t* p2) {
+  for (int64_t j = 0; j < n; j += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p2 + j / 2),
+                        (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(p + j)));
+}
+
+// Restores dimension order in an accumulator row written by pv_chunks_bf16 (DP a multiple
+// of 32): position 4L + i of a chunk holds dim 8L + i, position 16 + 4L + i dim 8L + 4 + i.
+inline void unpermute_pv_chunks(float* row, int64_t DP) {
+  float t[32];
+  for (int64_t c = 0; c < DP; c += 32) {
+    std::memcpy(t, row + c, sizeof t);
+    for (int k = 0; k < 32; ++k) row[c + k] = t[(k % 8 < 4 ? 0 : 12) + 4 * (k / 8) + k % 8];
+  }
+}
 #else
 constexpr bool kBf16Dot = false;
 #endif
@@ -306,12 +385,7 @@ inline void softmax_block(const AttnArgs& a, float* s, int64_t SP, int NV, int64
 
     Vec vmax = neg_inf;
     for (int64_t j = 0; j < SP; j += kVec) vmax = at::vec::maximum(vmax, Vec::loadu(sv + j));
-    float bmax = -std::numeric_limits<float>::infinity();
-    {
-      float t[kVec];
-      vmax.store(t);
-      for (int i = 0; i < kVec; ++i) bmax = std::max(bmax, t[i]);
-    }
+    const float bmax = hmax(vmax);
     if (bmax == -std::numeric_limits<float>::infinity()) {
       std::fill(sv, sv + SP, 0.f);  // nothing visible in this block for this row
       continue;
@@ -357,8 +431,12 @@ inline void write_rows(const TypedArgs<q_t, cache_t>& a, int64_t q0, int NV, int
 
 template <typename q_t, typename cache_t, int HEAD, int BLOCK>
 void attention_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it, Scratch& scratch) {
+  constexpr bool bf16_dot = kBf16Dot && std::is_same_v<cache_t, c10::BFloat16> &&
+                            std::is_same_v<q_t, c10::BFloat16>;
   const int64_t D = HEAD ? HEAD : a.head_size;
-  const int64_t DP = (D + kVec - 1) / kVec * kVec;   // padded query/accumulator row
+  // Padded query/accumulator row: whole vectors, or whole 32-dim chunks for bf16 P.V.
+  constexpr int64_t kRowAlign = bf16_dot ? 32 : kVec;
+  const int64_t DP = (D + kRowAlign - 1) / kRowAlign * kRowAlign;
   const int64_t BS = BLOCK ? BLOCK : a.block_size;
   const int64_t SP = (BS + kVec - 1) / kVec * kVec;  // padded score row
   const int G = a.num_heads / a.num_kv_heads;
@@ -384,11 +462,13 @@ void attention_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it, Scratc
   float* l = m + NV;           // running sum
 
   const float qmul = a.scale * a.k_scale;
-  constexpr bool bf16_dot = kBf16Dot && std::is_same_v<cache_t, c10::BFloat16> &&
-                            std::is_same_v<q_t, c10::BFloat16>;
   const int64_t DQ = (D + 31) / 32 * 32;  // bf16 query row, zero-padded for vdpbf16ps
-  if constexpr (bf16_dot) scratch.bf16.resize(size_t(NV) * DQ);
+  if constexpr (bf16_dot) {
+    scratch.bf16.resize(size_t(NV) * DQ);
+    scratch.u32.resize(size_t(NV) * SP / 2);
+  }
   uint16_t* qb = scratch.bf16.data();
+  uint32_t* p2 = scratch.u32.data();  // [NV][SP / 2] bf16 probability pairs (bf16 P.V)
   if constexpr (bf16_dot) {
     for (int v = 0; v < NV; ++v) {
       std::memcpy(qb + v * DQ, q_row(v), D * sizeof(uint16_t));
@@ -469,19 +549,35 @@ void attention_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it, Scratc
 
     softmax_block(a, s, SP, NV, t0, t1, base_pos, m, l, acc, DP, row_of, head_of);
 
+    if constexpr (bf16_dot) {
+      for (int v = 0; v < NV; ++v) pack_prob_pairs(s + v * SP, SP, p2 + v * SP / 2);
+    }
     for (int j = 0; j < n; j += kPvTokens) {
       const int nj = std::min(kPvTokens, n - j);
       for (int h = 0; h < nkv; ++h) {
         if (j < nn) prefetch_rows(next_v + j * stride + h * D, stride, std::min(nj, nn - j), D);
         for_vector_groups(NVH, [&](int v0, auto nq) {
           const int v = h * NVH + v0;
-          pv_accumulate<decltype(nq)::value, HEAD>(acc + v * DP, DP, s + v * SP + j, SP,
-                                                   vb + j * stride + h * D, stride, nj, D, load);
+          constexpr int NQ = decltype(nq)::value;
+          if constexpr (bf16_dot) {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+            pv_accumulate_bf16<NQ, HEAD>(acc + v * DP, DP, p2 + v * SP / 2 + j / 2, SP / 2,
+                                         vb + j * stride + h * D, stride, nj, D);
+#endif
+          } else {
+            pv_accumulate<NQ, HEAD>(acc + v * DP, DP, s + v * SP + j, SP,
+                                    vb + j * stride + h * D, stride, nj, D, load);
+          }
         });
       }
     }
   }
 
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+  if constexpr (bf16_dot) {
+    for (int v = 0; v < NV; ++v) unpermute_pv_chunks(acc + v * DP, DP);
+  }
+#endif
   write_rows(a, q0, NV, D, DP, acc, m, l, row_of, head_of);
 }
 
@@ -495,7 +591,7 @@ template <typename q_t, typename cache_t, int HEAD, int BLOCK>
 void attention_cpu(const TypedArgs<q_t, cache_t>& a, const std::vector<WorkItem>& items) {
   std::atomic<int64_t> next{0};
   const int64_t n = int64_t(items.size());
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+  auto run_items = [&] {
     Scratch scratch;
     for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) {
       if (is_prefix_tile(a, items[i]))
@@ -503,7 +599,11 @@ void attention_cpu(const TypedArgs<q_t, cache_t>& a, const std::vector<WorkItem>
       else
         attention_item<q_t, cache_t, HEAD, BLOCK>(a, items[i], scratch);
     }
-  });
+  };
+  // Small work stays on the calling thread: an OpenMP region saves at most a few us
+  // there, but waits a whole time slice (ms) when another process holds a core.
+  if (a.serial) run_items();
+  else at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) { run_items(); });
 }
 
 // A query dtype equal to the cache dtype: the specialized kernel for the head and block
