@@ -123,43 +123,41 @@ inline void qk_tile4x4(const float* q, int64_t ld, const cache_t* k, int64_t k_s
 }
 #endif
 
+// acc_v[d, d + C * kVec) += sum_j p[v * p_ld + j] * v_j for NQ vectors over n cache rows:
+// the NQ x C accumulators stay in registers across all rows, and each probability
+// broadcast feeds C FMAs.
+template <int NQ, int C, int HEAD, typename cache_t>
+inline void pv_vectors(float* acc, int64_t ld, const float* p, int64_t p_ld, const cache_t* vrow,
+                       int64_t v_stride, int n, int64_t d, int64_t D, const Loader<cache_t>& load) {
+  Vec a[NQ][C];
+  for (int v = 0; v < NQ; ++v)
+    for (int c = 0; c < C; ++c) a[v][c] = Vec::loadu(acc + v * ld + d + c * kVec);
+  for (int j = 0; j < n; ++j) {
+    Vec x[C];
+    for (int c = 0; c < C; ++c) x[c] = load_chunk<HEAD>(load, vrow + j * v_stride, d + c * kVec, D);
+    for (int v = 0; v < NQ; ++v) {
+      const Vec pj(p[v * p_ld + j]);
+      for (int c = 0; c < C; ++c) a[v][c] = at::vec::fmadd(pj, x[c], a[v][c]);
+    }
+  }
+  for (int v = 0; v < NQ; ++v)
+    for (int c = 0; c < C; ++c) a[v][c].store(acc + v * ld + d + c * kVec);
+}
+
 // acc_v += sum_j p[v * p_ld + j] * v_j for NQ vectors over n cache rows (acc rows padded
-// to a whole vector; the padding stays zero). Two vectors of the head dim at a time stay
-// in registers across all n rows, so each probability is broadcast once per pair.
+// to a whole vector; the padding stays zero): 4 vectors of the head dim per pass with
+// AVX-512 (16 accumulators of 32 registers), 2 with AVX2 (16 registers).
 template <int NQ, int HEAD, typename cache_t>
 inline void pv_accumulate(float* acc, int64_t ld, const float* p, int64_t p_ld, const cache_t* vrow,
                           int64_t v_stride, int n, int64_t head_size, const Loader<cache_t>& load) {
+  constexpr int C = kVec == 16 ? 4 : 2;
   const int64_t D = HEAD ? HEAD : head_size;
   int64_t d = 0;
-  for (; d + 2 * kVec <= D; d += 2 * kVec) {
-    Vec a0[NQ], a1[NQ];
-    for (int v = 0; v < NQ; ++v) {
-      a0[v] = Vec::loadu(acc + v * ld + d);
-      a1[v] = Vec::loadu(acc + v * ld + d + kVec);
-    }
-    for (int j = 0; j < n; ++j) {
-      const cache_t* r = vrow + j * v_stride + d;
-      const Vec v0 = load(r), v1 = load(r + kVec);
-      for (int v = 0; v < NQ; ++v) {
-        const Vec pj(p[v * p_ld + j]);
-        a0[v] = at::vec::fmadd(pj, v0, a0[v]);
-        a1[v] = at::vec::fmadd(pj, v1, a1[v]);
-      }
-    }
-    for (int v = 0; v < NQ; ++v) {
-      a0[v].store(acc + v * ld + d);
-      a1[v].store(acc + v * ld + d + kVec);
-    }
-  }
-  for (; d < D; d += kVec) {
-    Vec a[NQ];
-    for (int v = 0; v < NQ; ++v) a[v] = Vec::loadu(acc + v * ld + d);
-    for (int j = 0; j < n; ++j) {
-      const Vec vv = load_chunk<HEAD>(load, vrow + j * v_stride, d, D);
-      for (int v = 0; v < NQ; ++v) a[v] = at::vec::fmadd(Vec(p[v * p_ld + j]), vv, a[v]);
-    }
-    for (int v = 0; v < NQ; ++v) a[v].store(acc + v * ld + d);
-  }
+  for (; d + C * kVec <= D; d += C * kVec)
+    pv_vectors<NQ, C, HEAD>(acc, ld, p, p_ld, vrow, v_stride, n, d, D, load);
+  for (; d + 2 * kVec <= D; d += 2 * kVec)
+    pv_vectors<NQ, 2, HEAD>(acc, ld, p, p_ld, vrow, v_stride, n, d, D, load);
+  for (; d < D; d += kVec) pv_vectors<NQ, 1, HEAD>(acc, ld, p, p_ld, vrow, v_stride, n, d, D, load);
 }
 
 // Pulls n cache rows (head_size elements each, stride apart) into L1 ahead of use.
