@@ -267,7 +267,7 @@ inline void pv_chunks_bf16(float* acc, int64_t ld, const uint32_t* p2, int64_t p
       lo[v][c] = _mm512_loadu_ps(acc + v * ld + d + 32 * c);
       hi[v][c] = _mm512_loadu_ps(acc + v * ld + d + 32 * c + 16);
     }
-  auto rows = [&](int j, const c10::BFloat16* r0, const c10::BFloat16* r1) {
+  auto rows = [&](int pair, const c10::BFloat16* r0, const c10::BFloat16* r1) {
     __m512i x[C][2];
     for (int c = 0; c < C; ++c) {
       const __m512i a = load_bf16_chunk(r0, d + 32 * c, D, whole);
@@ -276,16 +276,16 @@ inline void pv_chunks_bf16(float* acc, int64_t ld, const uint32_t* p2, int64_t p
       x[c][1] = _mm512_unpackhi_epi16(a, b);
     }
     for (int v = 0; v < NQ; ++v) {
-      const __m512bh pv = (__m512bh)_mm512_set1_epi32(int(p2[v * p2_ld + j / 2]));
+      const __m512bh pv = (__m512bh)_mm512_set1_epi32(int(p2[v * p2_ld + pair]));
       for (int c = 0; c < C; ++c) {
         lo[v][c] = _mm512_dpbf16_ps(lo[v][c], pv, (__m512bh)x[c][0]);
         hi[v][c] = _mm512_dpbf16_ps(hi[v][c], pv, (__m512bh)x[c][1]);
       }
     }
   };
-  int j = 0;
-  for (; j + 2 <= n; j += 2) rows(j, vrow + j * v_stride, vrow + (j + 1) * v_stride);
-  if (j < n) rows(j, vrow + j * v_stride, nullptr);  // odd row count: pairs with zeros
+  const int pairs = n / 2;
+  for (int i = 0; i < pairs; ++i) rows(i, vrow + 2 * i * v_stride, vrow + (2 * i + 1) * v_stride);
+  if (n % 2) rows(pairs, vrow + (n - 1) * v_stride, nullptr);  // odd row count: pairs with zeros
   for (int v = 0; v < NQ; ++v)
     for (int c = 0; c < C; ++c) {
       _mm512_storeu_ps(acc + v * ld + d + 32 * c, lo[v][c]);
@@ -604,13 +604,19 @@ void attention_cpu(const TypedArgs<q_t, cache_t>& a, const std::vector<WorkItem>
   else at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) { run_items(); });
 }
 
-// A query dtype equal to the cache dtype: the specialized kernel for the head and block
-// size (csrc/dispatch.h), or the generic one.
+// A query dtype equal to the cache dtype: the kernel specialized for the head size
+// (csrc/dispatch.h), or the generic one. The CPU kernels specialize the head size only:
+// a compile-time block size measured no faster (benchmarks/RESULTS.md, Ops (CPU)), and
+// dropping it cuts the instantiations per dtype from 32 to 8.
 template <typename T>
 void attention_same_dtype(const AttnArgs& raw, const std::vector<WorkItem>& items, bool generic) {
   const TypedArgs<T, T> a(raw);
-  dispatch_shape(a.head_size, a.block_size, generic, [&](auto head, auto block) {
-    attention_cpu<T, T, decltype(head)::value, decltype(block)::value>(a, items);
+  if (generic) {
+    attention_cpu<T, T, 0, 0>(a, items);
+    return;
+  }
+  dispatch_head_size(a.head_size, [&](auto head) {
+    attention_cpu<T, T, decltype(head)::value, 0>(a, items);
   });
 }
 
