@@ -10,12 +10,11 @@ CI runs a small slice; the full sweep is one command:
 import os
 
 import pytest
-import torch
 from hypothesis import given, settings, strategies as st
 
 from conftest import DEVICES
-from paged_inputs import FLOAT_DTYPES, FP8_DTYPES, make_batch
-from test_paged_attention import check
+from paged_inputs import FLOAT_DTYPES, FP8_DTYPES
+from test_paged_attention import check_case
 
 EXAMPLES = int(os.environ.get("PAGEDKV_SWEEP_EXAMPLES", "25"))
 HEAD_SIZES = [8, 16, 24, 40, 64, 72, 80, 96, 112, 128, 160, 192, 256, 320, 512]
@@ -50,10 +49,4 @@ def sweep_cases(draw):
 @settings(max_examples=EXAMPLES)
 @given(case=sweep_cases())
 def test_sweep_against_reference(device, case):
-    batch = make_batch(case["seqs"], case["num_heads"], case["num_kv_heads"], case["head_size"],
-                       case["block_size"], case["dtype"], case["fp8"], device=device,
-                       seed=case["seed"])
-    alibi = (torch.rand(case["num_heads"], generator=torch.Generator().manual_seed(case["seed"]))
-             .to(device) if case["alibi"] else None)
-    check(batch, case["dtype"], sliding_window=case["window"], softcap=case["softcap"],
-          alibi_slopes=alibi)
+    check_case(device, case)
