@@ -4,9 +4,9 @@
 the K/V bytes), (b) reshape_and_cache GB/s, (c) decode paged_attention effective GB/s (K/V
 bytes read once) and its ratio to the read bandwidth (its ceiling) and to the copy, (d)
 the same decode by gather-then-SDPA and by PyTorch's paged FlexAttention (compiled), as
-speedups, (e) specialized vs generic kernel at head 128, (f) prefill of 2048 tokens over
+speedups, (e) prefill of 2048 tokens over
 a 2048-token cached prefix, and a plain 2048-token prefill, in tokens/s against PyTorch's
-scaled_dot_product_attention on the same K/V laid out contiguously, (g) a tiny decode
+scaled_dot_product_attention on the same K/V laid out contiguously, (f) a tiny decode
 (batch 1 x context 16) idle and while another process keeps one core busy. This
 machine's speed drifts 2x over minutes, so every variant is timed in interleaved rounds
 and ratios are of per-round medians.
@@ -28,7 +28,6 @@ import torch.nn.functional as F
 
 import torch_pagedkv as pk
 from benchmarks.results_file import write_section
-from torch_pagedkv import knobs
 
 BATCH, CONTEXT, HEADS, KV_HEADS, HEAD, BLOCK = 16, 2048, 32, 8, 128, 16
 
@@ -51,14 +50,6 @@ def interleaved(variants: dict, rounds: int) -> dict:
         for name in names[r % len(names):] + names[:r % len(names)]:
             times[name].append(timed(variants[name]))
     return {k: statistics.median(v) for k, v in times.items()}
-
-
-def generic_kernels(fn):
-    """fn run with the generic (unspecialized) kernels."""
-    def run():
-        with knobs.override(generic_kernels=True):
-            return fn()
-    return run
 
 
 def decode_setup(dtype, gen, context=CONTEXT):
@@ -125,7 +116,6 @@ def bench_decode(dtype, rounds, flex, gen):
 
     variants = {"copy": lambda: dst.copy_(src), "read": lambda: read_src.sum(),
                 "paged_attention": ours,
-                "generic": generic_kernels(ours),
                 "gather_sdpa": lambda: gather_then_sdpa(q, kc, vc, table, seq_lens, scale)}
     if flex:
         variants["flex_paged"] = flex_paged_setup(kc, vc, table, q, scale)
@@ -145,35 +135,10 @@ def bench_decode(dtype, rounds, flex, gen):
         "decode_vs_read": round(attn_gbps / read_gbps, 3),
         "decode_vs_copy": round(attn_gbps / copy_gbps, 3),
         "speedup_vs_gather_sdpa": round(t["gather_sdpa"] / t["paged_attention"], 2),
-        "specialized_vs_generic_at_decode_shape": round(t["generic"] / t["paged_attention"], 3),
     }
     if flex:
         out["speedup_vs_flex_paged"] = round(t["flex_paged"] / t["paged_attention"], 2)
     return out
-
-
-def bench_specialization(dtype, rounds, gen, context=128, calls=20):
-    """Specialized vs generic kernel where the kernel's arithmetic is what is timed: a
-    decode whose K/V (8 MiB in bf16) stay in this CPU's caches. At the 2048-context decode
-    shape both kernels wait on memory, so the ratio there is about 1. Timed on one thread:
-    it is the arithmetic that is compared, and a neighbour's busy core stalls a two-thread
-    region for milliseconds on this shared machine."""
-    q, kc, vc, table, seq_lens, qsl = decode_setup(dtype, gen, context)
-
-    def run():
-        for _ in range(calls):
-            pk.paged_attention(q, kc, vc, table, seq_lens, qsl, 0.1)
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        t = interleaved({"specialized": run, "generic": generic_kernels(run)}, rounds * 3)
-    finally:
-        torch.set_num_threads(threads)
-    return {"dtype": str(dtype).replace("torch.", ""), "context": context,
-            "specialized_us": round(t["specialized"] / calls * 1e6, 1),
-            "generic_us": round(t["generic"] / calls * 1e6, 1),
-            "specialized_vs_generic": round(t["generic"] / t["specialized"], 3)}
 
 
 def bench_write(dtype, rounds, gen, cache_dtype=None):
@@ -269,20 +234,14 @@ def table(result) -> str:
         f"block {BLOCK}; {result['threads']} threads",
         "",
         "| dtype | copy GB/s (r+w) | read GB/s | decode ms | decode GB/s | vs read | vs copy | "
-        "vs gather+SDPA | vs FlexAttention paged | specialized/generic (this shape) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "vs gather+SDPA | vs FlexAttention paged |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for d in result["decode"]:
         lines.append(f"| {d['dtype']} | {d['copy_GBps']} | {d['read_GBps']} | {d['decode_ms']} | "
                      f"{d['decode_GBps']} | {d['decode_vs_read']:.0%} | "
                      f"{d['decode_vs_copy']:.0%} | {d['speedup_vs_gather_sdpa']}x | "
-                     f"{d.get('speedup_vs_flex_paged', '-')}x | "
-                     f"{d['specialized_vs_generic_at_decode_shape']}x |")
-    lines += ["", "| specialized vs generic, head 128, cache-resident decode, 1 thread | specialized us | "
-              "generic us | ratio |", "|---|---|---|---|"]
-    for r in result["specialization"]:
-        lines.append(f"| {r['dtype']}, batch {BATCH} x context {r['context']} | "
-                     f"{r['specialized_us']} | {r['generic_us']} | {r['specialized_vs_generic']}x |")
+                     f"{d.get('speedup_vs_flex_paged', '-')}x |")
     lines += ["", "| reshape_and_cache | GB/s (read + write) | vs copy |", "|---|---|---|"]
     for w in result["write"]:
         lines.append(f"| {w['dtype']} | {w['GBps']} | {w['vs_copy']:.0%} |")
@@ -304,7 +263,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (slow to compile)")
-    ap.add_argument("--only", default="decode,write,specialization,prefill,tiny",
+    ap.add_argument("--only", default="decode,write,prefill,tiny",
                     help="comma-separated parts to run (default: all)")
     ap.add_argument("--write-results", action="store_true",
                     help="write the table to benchmarks/RESULTS.md")
@@ -316,8 +275,6 @@ def main(argv=None) -> int:
         "write": lambda: [bench_write(torch.bfloat16, args.rounds, gen),
                           bench_write(torch.float32, args.rounds, gen),
                           bench_write(torch.bfloat16, args.rounds, gen, torch.float8_e4m3fn)],
-        "specialization": lambda: [bench_specialization(dt, args.rounds, gen)
-                                   for dt in (torch.bfloat16, torch.float32)],
         "prefill": lambda: [bench_prefill(dt, args.rounds, gen, prefix)
                             for dt in (torch.bfloat16, torch.float32) for prefix in (2048, 0)],
         "tiny": lambda: [bench_tiny_decode(dt, gen) for dt in (torch.bfloat16, torch.float32)],

@@ -1,7 +1,6 @@
 // paged_attention and paged_attention_lse, CPU backend: validate everything, plan work
 // items, run the kernel.
 #include "checks.h"
-#include "knobs.h"
 #include "cpu/attention_cpu.h"
 #include "cpu/ops_cpu.h"
 
@@ -139,11 +138,10 @@ void run_attention(const AttentionDims& d, const at::Tensor& query, const at::Te
     attention_fp8(a, items, query_kind(query.scalar_type()), c);
     return;
   }
-  const bool generic = generic_kernels_forced();
   switch (query.scalar_type()) {
-    case at::kHalf: attention_half(a, items, generic); break;
-    case at::kBFloat16: attention_bfloat16(a, items, generic); break;
-    default: attention_float(a, items, generic); break;
+    case at::kHalf: attention_half(a, items); break;
+    case at::kBFloat16: attention_bfloat16(a, items); break;
+    default: attention_float(a, items); break;
   }
 }
 

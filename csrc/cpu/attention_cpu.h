@@ -48,9 +48,9 @@ enum class QueryKind { kFloat, kHalf, kBFloat16 };
 
 // One entry point per translation unit (attention_*.cpp), so the template
 // instantiations compile in parallel.
-void attention_float(const AttnArgs& a, const std::vector<WorkItem>& items, bool generic);
-void attention_half(const AttnArgs& a, const std::vector<WorkItem>& items, bool generic);
-void attention_bfloat16(const AttnArgs& a, const std::vector<WorkItem>& items, bool generic);
+void attention_float(const AttnArgs& a, const std::vector<WorkItem>& items);
+void attention_half(const AttnArgs& a, const std::vector<WorkItem>& items);
+void attention_bfloat16(const AttnArgs& a, const std::vector<WorkItem>& items);
 void attention_fp8(const AttnArgs& a, const std::vector<WorkItem>& items, QueryKind q,
                    Fp8Kind c);
 

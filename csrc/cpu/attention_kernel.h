@@ -15,7 +15,6 @@
 
 #include "cpu/attention_cpu.h"
 #include "cpu/vec.h"
-#include "dispatch.h"
 
 #include <ATen/Parallel.h>
 
@@ -643,20 +642,14 @@ void attention_cpu(const TypedArgs<q_t, cache_t>& a, const std::vector<WorkItem>
   else at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) { run_items(); });
 }
 
-// A query dtype equal to the cache dtype: the kernel specialized for the head size
-// (csrc/dispatch.h), or the generic one. The CPU kernels specialize the head size only:
-// a compile-time block size measured no faster (benchmarks/RESULTS.md, Ops (CPU)), and
-// dropping it cuts the instantiations per dtype from 32 to 8.
+// A query dtype equal to the cache dtype. The CPU kernels read the head and block size
+// at run time: compile-time sizes (csrc/dispatch.h, as the CUDA kernels use) measured
+// 0.97-1.08x on this machine's cache-resident decode and 0.93-1.09x at the 16 x 2048
+// decode (benchmarks/RESULTS.md, "CPU decode: where the time goes"), so they did not pay
+// for 8-32 instantiations per dtype.
 template <typename T>
-void attention_same_dtype(const AttnArgs& raw, const std::vector<WorkItem>& items, bool generic) {
-  const TypedArgs<T, T> a(raw);
-  if (generic) {
-    attention_cpu<T, T, 0, 0>(a, items);
-    return;
-  }
-  dispatch_head_size(a.head_size, [&](auto head) {
-    attention_cpu<T, T, decltype(head)::value, 0>(a, items);
-  });
+void attention_same_dtype(const AttnArgs& raw, const std::vector<WorkItem>& items) {
+  attention_cpu<T, T, 0, 0>(TypedArgs<T, T>(raw), items);
 }
 
 }  // namespace pagedkv::cpu
