@@ -473,7 +473,7 @@ void attention_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it, Scratc
     scratch.u32.resize(size_t(NV) * SP / 2);
   }
   uint16_t* qb = scratch.bf16.data();
-  uint32_t* p2 = scratch.u32.data();  // [NV][SP / 2] bf16 probability pairs (bf16 P.V)
+  [[maybe_unused]] uint32_t* p2 = scratch.u32.data();  // [NV][SP / 2] bf16 P.V pairs
   if constexpr (bf16_dot) {
     for (int v = 0; v < NV; ++v) {
       std::memcpy(qb + v * DQ, q_row(v), D * sizeof(uint16_t));
@@ -602,9 +602,11 @@ void attention_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it, Scratc
     };
     for_blocks(block_scores);
     softmax_block(a, s, SP, NV, c0, c1, base_pos, m, l, acc, DP, row_of, head_of);
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
     if constexpr (bf16_dot) {
       for (int v = 0; v < NV; ++v) pack_prob_pairs(s + v * SP, SP, p2 + v * SP / 2);
     }
+#endif
     for_blocks(block_values);
     b += nb;
   }
