@@ -125,8 +125,8 @@ inline void qk_tile4x4(const float* q, int64_t ld, const cache_t* k, int64_t k_s
 
 // acc_v[d, d + C * kVec) += sum_j p[v * p_ld + j] * v_j for NQ vectors over n cache rows:
 // the NQ x C accumulators stay in registers across all rows, and each probability
-// broadcast feeds C FMAs.
-template <int NQ, int C, int HEAD, typename cache_t>
+// broadcast feeds C FMAs. kWhole: the C vectors lie inside the head (plain loads).
+template <int NQ, int C, int HEAD, bool kWhole, typename cache_t>
 inline void pv_vectors(float* acc, int64_t ld, const float* p, int64_t p_ld, const cache_t* vrow,
                        int64_t v_stride, int n, int64_t d, int64_t D, const Loader<cache_t>& load) {
   Vec a[NQ][C];
@@ -134,7 +134,10 @@ inline void pv_vectors(float* acc, int64_t ld, const float* p, int64_t p_ld, con
     for (int c = 0; c < C; ++c) a[v][c] = Vec::loadu(acc + v * ld + d + c * kVec);
   for (int j = 0; j < n; ++j) {
     Vec x[C];
-    for (int c = 0; c < C; ++c) x[c] = load_chunk<HEAD>(load, vrow + j * v_stride, d + c * kVec, D);
+    for (int c = 0; c < C; ++c) {
+      const cache_t* r = vrow + j * v_stride;
+      x[c] = kWhole ? load(r + d + c * kVec) : load_chunk<HEAD>(load, r, d + c * kVec, D);
+    }
     for (int v = 0; v < NQ; ++v) {
       const Vec pj(p[v * p_ld + j]);
       for (int c = 0; c < C; ++c) a[v][c] = at::vec::fmadd(pj, x[c], a[v][c]);
@@ -154,10 +157,12 @@ inline void pv_accumulate(float* acc, int64_t ld, const float* p, int64_t p_ld, 
   const int64_t D = HEAD ? HEAD : head_size;
   int64_t d = 0;
   for (; d + C * kVec <= D; d += C * kVec)
-    pv_vectors<NQ, C, HEAD>(acc, ld, p, p_ld, vrow, v_stride, n, d, D, load);
+    pv_vectors<NQ, C, HEAD, true>(acc, ld, p, p_ld, vrow, v_stride, n, d, D, load);
   for (; d + 2 * kVec <= D; d += 2 * kVec)
-    pv_vectors<NQ, 2, HEAD>(acc, ld, p, p_ld, vrow, v_stride, n, d, D, load);
-  for (; d < D; d += kVec) pv_vectors<NQ, 1, HEAD>(acc, ld, p, p_ld, vrow, v_stride, n, d, D, load);
+    pv_vectors<NQ, 2, HEAD, true>(acc, ld, p, p_ld, vrow, v_stride, n, d, D, load);
+  for (; d + kVec <= D; d += kVec)
+    pv_vectors<NQ, 1, HEAD, true>(acc, ld, p, p_ld, vrow, v_stride, n, d, D, load);
+  if (d < D) pv_vectors<NQ, 1, HEAD, false>(acc, ld, p, p_ld, vrow, v_stride, n, d, D, load);
 }
 
 // Pulls n cache rows (head_size elements each, stride apart) into L1 ahead of use.
