@@ -11,7 +11,8 @@ namespace pagedkv {
 enum class AttentionPath { kAuto, kDecode, kPrefill };
 
 // PAGEDKV_GENERIC_KERNELS=1: the generic (run-time shape) kernels instead of the
-// specialized ones, so benchmarks and tests can compare the two in one process.
+// specialized ones (CUDA; the CPU kernels are all run-time shape), so benchmarks and
+// tests can compare the two in one process.
 bool generic_kernels_forced();
 // PAGEDKV_ATTENTION_PATH=decode|prefill: the CUDA attention kernel to use whatever the
 // batch (both are correct for any batch; tests cross-check them). kAuto: chosen by shape.

@@ -119,10 +119,8 @@ def attention_cases(draw):
     )
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@settings(max_examples=60)
-@given(case=attention_cases())
-def test_hypothesis_against_reference(device, case):
+def check_case(device, case):
+    """One drawn case (attention_cases' keys) against the reference."""
     batch = make_batch(case["seqs"], case["num_heads"], case["num_kv_heads"], case["head_size"],
                        case["block_size"], case["dtype"], case["fp8"], device=device,
                        seed=case["seed"])
@@ -130,3 +128,10 @@ def test_hypothesis_against_reference(device, case):
              .to(device) if case["alibi"] else None)
     check(batch, case["dtype"], sliding_window=case["window"], softcap=case["softcap"],
           alibi_slopes=alibi)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=60)
+@given(case=attention_cases())
+def test_hypothesis_against_reference(device, case):
+    check_case(device, case)

@@ -31,7 +31,8 @@ environment):
 variable                   knob             values
 =========================  ===============  ================================================
 PAGEDKV_GENERIC_KERNELS    generic_kernels  on: the generic (run-time shape) kernels instead
-                                            of the specialized ones (CPU and CUDA)
+                                            of the specialized ones (CUDA; the CPU kernels
+                                            are all run-time shape)
 PAGEDKV_ATTENTION_PATH     attention_path   auto (default), decode or prefill: force one
                                             CUDA attention kernel whatever the batch
 PAGEDKV_DEBUG              debug            on: the CUDA ops also range-check the metadata

@@ -1,11 +1,11 @@
 // paged_attention on CPU, c10::BFloat16 query and cache (one translation unit per dtype, so the
-// specialized kernels compile in parallel).
+// dtypes compile in parallel).
 #include "cpu/attention_kernel.h"
 
 namespace pagedkv::cpu {
 
-void attention_bfloat16(const AttnArgs& raw, const std::vector<WorkItem>& items, bool generic) {
-  attention_same_dtype<c10::BFloat16>(raw, items, generic);
+void attention_bfloat16(const AttnArgs& raw, const std::vector<WorkItem>& items) {
+  attention_same_dtype<c10::BFloat16>(raw, items);
 }
 
 }  // namespace pagedkv::cpu

@@ -23,6 +23,7 @@ struct AttnArgs {
   float scale, softcap, k_scale, v_scale;
   int64_t sliding_window;
   bool causal;  // false: every query row of a sequence sees all of its seq_len keys
+  bool serial;  // small work: run on the calling thread, no OpenMP region
   int num_heads, num_kv_heads, head_size, block_size;
 };
 
@@ -47,9 +48,9 @@ enum class QueryKind { kFloat, kHalf, kBFloat16 };
 
 // One entry point per translation unit (attention_*.cpp), so the template
 // instantiations compile in parallel.
-void attention_float(const AttnArgs& a, const std::vector<WorkItem>& items, bool generic);
-void attention_half(const AttnArgs& a, const std::vector<WorkItem>& items, bool generic);
-void attention_bfloat16(const AttnArgs& a, const std::vector<WorkItem>& items, bool generic);
+void attention_float(const AttnArgs& a, const std::vector<WorkItem>& items);
+void attention_half(const AttnArgs& a, const std::vector<WorkItem>& items);
+void attention_bfloat16(const AttnArgs& a, const std::vector<WorkItem>& items);
 void attention_fp8(const AttnArgs& a, const std::vector<WorkItem>& items, QueryKind q,
                    Fp8Kind c);
 

@@ -1,11 +1,11 @@
 // paged_attention on CPU, float query and cache (one translation unit per dtype, so the
-// specialized kernels compile in parallel).
+// dtypes compile in parallel).
 #include "cpu/attention_kernel.h"
 
 namespace pagedkv::cpu {
 
-void attention_float(const AttnArgs& raw, const std::vector<WorkItem>& items, bool generic) {
-  attention_same_dtype<float>(raw, items, generic);
+void attention_float(const AttnArgs& raw, const std::vector<WorkItem>& items) {
+  attention_same_dtype<float>(raw, items);
 }
 
 }  // namespace pagedkv::cpu

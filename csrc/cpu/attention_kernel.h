@@ -15,7 +15,6 @@
 
 #include "cpu/attention_cpu.h"
 #include "cpu/vec.h"
-#include "dispatch.h"
 
 #include <ATen/Parallel.h>
 
@@ -76,8 +75,9 @@ inline void qk_scores(const float* q, int64_t ld, const cache_t* k, int64_t k_st
 
 #if defined(CPU_CAPABILITY_AVX512)
 // The 16 horizontal sums of a[0..15] in one vector (lane i = sum of a[i]): a transpose
-// tree of 45 instructions instead of 16 separate reductions of about 8 each.
-inline __m512 hsum16(const __m512* a) {
+// tree of 45 instructions instead of 16 separate reductions of about 8 each. Forced
+// inline: as a call, GCC spilled the 16 accumulators to memory (8% of bf16 decode).
+__attribute__((always_inline)) inline __m512 hsum16(const __m512* a) {
   __m512 t[8], u[4];
   for (int i = 0; i < 8; ++i)
     t[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]),
@@ -123,43 +123,46 @@ inline void qk_tile4x4(const float* q, int64_t ld, const cache_t* k, int64_t k_s
 }
 #endif
 
+// acc_v[d, d + C * kVec) += sum_j p[v * p_ld + j] * v_j for NQ vectors over n cache rows:
+// the NQ x C accumulators stay in registers across all rows, and each probability
+// broadcast feeds C FMAs. kWhole: the C vectors lie inside the head (plain loads).
+template <int NQ, int C, int HEAD, bool kWhole, typename cache_t>
+inline void pv_vectors(float* acc, int64_t ld, const float* p, int64_t p_ld, const cache_t* vrow,
+                       int64_t v_stride, int n, int64_t d, int64_t D, const Loader<cache_t>& load) {
+  Vec a[NQ][C];
+  for (int v = 0; v < NQ; ++v)
+    for (int c = 0; c < C; ++c) a[v][c] = Vec::loadu(acc + v * ld + d + c * kVec);
+  for (int j = 0; j < n; ++j) {
+    Vec x[C];
+    for (int c = 0; c < C; ++c) {
+      const cache_t* r = vrow + j * v_stride;
+      x[c] = kWhole ? load(r + d + c * kVec) : load_chunk<HEAD>(load, r, d + c * kVec, D);
+    }
+    for (int v = 0; v < NQ; ++v) {
+      const Vec pj(p[v * p_ld + j]);
+      for (int c = 0; c < C; ++c) a[v][c] = at::vec::fmadd(pj, x[c], a[v][c]);
+    }
+  }
+  for (int v = 0; v < NQ; ++v)
+    for (int c = 0; c < C; ++c) a[v][c].store(acc + v * ld + d + c * kVec);
+}
+
 // acc_v += sum_j p[v * p_ld + j] * v_j for NQ vectors over n cache rows (acc rows padded
-// to a whole vector; the padding stays zero). Two vectors of the head dim at a time stay
-// in registers across all n rows, so each probability is broadcast once per pair.
+// to a whole vector; the padding stays zero): 4 vectors of the head dim per pass with
+// AVX-512 (16 accumulators of 32 registers), 2 with AVX2 (16 registers).
 template <int NQ, int HEAD, typename cache_t>
 inline void pv_accumulate(float* acc, int64_t ld, const float* p, int64_t p_ld, const cache_t* vrow,
                           int64_t v_stride, int n, int64_t head_size, const Loader<cache_t>& load) {
+  constexpr int C = kVec == 16 ? 4 : 2;
   const int64_t D = HEAD ? HEAD : head_size;
   int64_t d = 0;
-  for (; d + 2 * kVec <= D; d += 2 * kVec) {
-    Vec a0[NQ], a1[NQ];
-    for (int v = 0; v < NQ; ++v) {
-      a0[v] = Vec::loadu(acc + v * ld + d);
-      a1[v] = Vec::loadu(acc + v * ld + d + kVec);
-    }
-    for (int j = 0; j < n; ++j) {
-      const cache_t* r = vrow + j * v_stride + d;
-      const Vec v0 = load(r), v1 = load(r + kVec);
-      for (int v = 0; v < NQ; ++v) {
-        const Vec pj(p[v * p_ld + j]);
-        a0[v] = at::vec::fmadd(pj, v0, a0[v]);
-        a1[v] = at::vec::fmadd(pj, v1, a1[v]);
-      }
-    }
-    for (int v = 0; v < NQ; ++v) {
-      a0[v].store(acc + v * ld + d);
-      a1[v].store(acc + v * ld + d + kVec);
-    }
-  }
-  for (; d < D; d += kVec) {
-    Vec a[NQ];
-    for (int v = 0; v < NQ; ++v) a[v] = Vec::loadu(acc + v * ld + d);
-    for (int j = 0; j < n; ++j) {
-      const Vec vv = load_chunk<HEAD>(load, vrow + j * v_stride, d, D);
-      for (int v = 0; v < NQ; ++v) a[v] = at::vec::fmadd(Vec(p[v * p_ld + j]), vv, a[v]);
-    }
-    for (int v = 0; v < NQ; ++v) a[v].store(acc + v * ld + d);
-  }
+  for (; d + C * kVec <= D; d += C * kVec)
+    pv_vectors<NQ, C, HEAD, true>(acc, ld, p, p_ld, vrow, v_stride, n, d, D, load);
+  for (; d + 2 * kVec <= D; d += 2 * kVec)
+    pv_vectors<NQ, 2, HEAD, true>(acc, ld, p, p_ld, vrow, v_stride, n, d, D, load);
+  for (; d + kVec <= D; d += kVec)
+    pv_vectors<NQ, 1, HEAD, true>(acc, ld, p, p_ld, vrow, v_stride, n, d, D, load);
+  if (d < D) pv_vectors<NQ, 1, HEAD, false>(acc, ld, p, p_ld, vrow, v_stride, n, d, D, load);
 }
 
 // Pulls n cache rows (head_size elements each, stride apart) into L1 ahead of use.
@@ -170,7 +173,7 @@ inline void prefetch_rows(const cache_t* rows, int64_t stride, int n, int64_t he
   const int64_t bytes = head_size * int64_t(sizeof(cache_t));
   for (int j = 0; j < n; ++j) {
     const char* r = reinterpret_cast<const char*>(rows + j * stride);
-    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(r + b, 0, 3);
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(r + b, 0, 2);
   }
 }
 
@@ -244,6 +247,85 @@ inline void qk_tile4x4_bf16(const uint16_t* q, int64_t ld, const c10::BFloat16* 
   }
   store_tile4x4(hsum16(acc), mul, s, s_ld);
 }
+
+// P.V with vdpbf16ps: two value rows j, j+1 interleaved per dimension (vpunpck{l,h}wd:
+// lane i of `lo` holds (v_j[d], v_j+1[d]) for d = 8 * (i / 4) + i % 4 of the 32-dim chunk,
+// `hi` the same 4 dims further) against the broadcast probability pair (p_j, p_j+1)
+// rounded to bf16, as GPU flash-attention kernels do (the running sum l stays float32).
+// One instruction does 2 rows x 16 dims, and V is never widened to float32. The
+// accumulator rows keep that unpack order; unpermute_pv_chunks restores it at the end.
+inline __m512i load_bf16_chunk(const c10::BFloat16* r, int64_t d, int64_t D, bool whole) {
+  return whole || d + 32 <= D ? _mm512_loadu_si512(r + d)
+                              : _mm512_maskz_loadu_epi16(__mmask32((1ull << (D - d)) - 1), r + d);
+}
+
+// acc_v (C chunks of 32 dims from d, unpack order) += P_v . V over n rows; p2 holds the
+// bf16 probability pairs of vector v at p2[v * p2_ld + j / 2].
+template <int NQ, int C, int HEAD>
+inline void pv_chunks_bf16(float* acc, int64_t ld, const uint32_t* p2, int64_t p2_ld,
+                           const c10::BFloat16* vrow, int64_t v_stride, int n, int64_t d,
+                           int64_t D) {
+  constexpr bool whole = HEAD != 0 && HEAD % 32 == 0;
+  __m512 lo[NQ][C], hi[NQ][C];
+  for (int v = 0; v < NQ; ++v)
+    for (int c = 0; c < C; ++c) {
+      lo[v][c] = _mm512_loadu_ps(acc + v * ld + d + 32 * c);
+      hi[v][c] = _mm512_loadu_ps(acc + v * ld + d + 32 * c + 16);
+    }
+  auto rows = [&](int pair, const c10::BFloat16* r0, const c10::BFloat16* r1) {
+    __m512i x[C][2];
+    for (int c = 0; c < C; ++c) {
+      const __m512i a = load_bf16_chunk(r0, d + 32 * c, D, whole);
+      const __m512i b = r1 ? load_bf16_chunk(r1, d + 32 * c, D, whole) : _mm512_setzero_si512();
+      x[c][0] = _mm512_unpacklo_epi16(a, b);
+      x[c][1] = _mm512_unpackhi_epi16(a, b);
+    }
+    for (int v = 0; v < NQ; ++v) {
+      const __m512bh pv = (__m512bh)_mm512_set1_epi32(int(p2[v * p2_ld + pair]));
+      for (int c = 0; c < C; ++c) {
+        lo[v][c] = _mm512_dpbf16_ps(lo[v][c], pv, (__m512bh)x[c][0]);
+        hi[v][c] = _mm512_dpbf16_ps(hi[v][c], pv, (__m512bh)x[c][1]);
+      }
+    }
+  };
+  const int pairs = n / 2;
+  for (int i = 0; i < pairs; ++i) rows(i, vrow + 2 * i * v_stride, vrow + (2 * i + 1) * v_stride);
+  if (n % 2) rows(pairs, vrow + (n - 1) * v_stride, nullptr);  // odd row count: pairs with zeros
+  for (int v = 0; v < NQ; ++v)
+    for (int c = 0; c < C; ++c) {
+      _mm512_storeu_ps(acc + v * ld + d + 32 * c, lo[v][c]);
+      _mm512_storeu_ps(acc + v * ld + d + 32 * c + 16, hi[v][c]);
+    }
+}
+
+// Two chunks (64 dims) per pass: 16 accumulators for 4 vectors, each probability
+// broadcast feeds 4 instructions.
+template <int NQ, int HEAD>
+inline void pv_accumulate_bf16(float* acc, int64_t ld, const uint32_t* p2, int64_t p2_ld,
+                               const c10::BFloat16* vrow, int64_t v_stride, int n,
+                               int64_t head_size) {
+  const int64_t D = HEAD ? HEAD : head_size;
+  int64_t d = 0;
+  for (; d + 32 < D; d += 64) pv_chunks_bf16<NQ, 2, HEAD>(acc, ld, p2, p2_ld, vrow, v_stride, n, d, D);
+  if (d < D) pv_chunks_bf16<NQ, 1, HEAD>(acc, ld, p2, p2_ld, vrow, v_stride, n, d, D);
+}
+
+// n probabilities -> bf16 pairs (p[2i], p[2i+1]) as one uint32 each; n a multiple of 16.
+inline void pack_prob_pairs(const float* p, int64_t n, uint32_t* p2) {
+  for (int64_t j = 0; j < n; j += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p2 + j / 2),
+                        (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(p + j)));
+}
+
+// Restores dimension order in an accumulator row written by pv_chunks_bf16 (DP a multiple
+// of 32): position 4L + i of a chunk holds dim 8L + i, position 16 + 4L + i dim 8L + 4 + i.
+inline void unpermute_pv_chunks(float* row, int64_t DP) {
+  float t[32];
+  for (int64_t c = 0; c < DP; c += 32) {
+    std::memcpy(t, row + c, sizeof t);
+    for (int k = 0; k < 32; ++k) row[c + k] = t[(k % 8 < 4 ? 0 : 12) + 4 * (k / 8) + k % 8];
+  }
+}
 #else
 constexpr bool kBf16Dot = false;
 #endif
@@ -253,6 +335,10 @@ constexpr bool kBf16Dot = false;
 constexpr int kPvTokens = 16;
 // How many blocks ahead the rows are prefetched.
 constexpr int kPrefetchBlocks = 2;
+// Keys per online-softmax update (max, exp, rescale, one per query vector): 32 halves
+// the update's share of a 16-token block's work (measured: about a third of the bf16
+// kernel's instructions per cache row at one block per update).
+constexpr int kChunkKeys = 32;
 
 // Runs f(Int<NQ>) on groups of at most 4 query vectors (a register tile).
 template <typename F>
@@ -306,12 +392,7 @@ inline void softmax_block(const AttnArgs& a, float* s, int64_t SP, int NV, int64
 
     Vec vmax = neg_inf;
     for (int64_t j = 0; j < SP; j += kVec) vmax = at::vec::maximum(vmax, Vec::loadu(sv + j));
-    float bmax = -std::numeric_limits<float>::infinity();
-    {
-      float t[kVec];
-      vmax.store(t);
-      for (int i = 0; i < kVec; ++i) bmax = std::max(bmax, t[i]);
-    }
+    const float bmax = hmax(vmax);
     if (bmax == -std::numeric_limits<float>::infinity()) {
       std::fill(sv, sv + SP, 0.f);  // nothing visible in this block for this row
       continue;
@@ -357,10 +438,17 @@ inline void write_rows(const TypedArgs<q_t, cache_t>& a, int64_t q0, int NV, int
 
 template <typename q_t, typename cache_t, int HEAD, int BLOCK>
 void attention_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it, Scratch& scratch) {
+  constexpr bool bf16_dot = kBf16Dot && std::is_same_v<cache_t, c10::BFloat16> &&
+                            std::is_same_v<q_t, c10::BFloat16>;
   const int64_t D = HEAD ? HEAD : a.head_size;
-  const int64_t DP = (D + kVec - 1) / kVec * kVec;   // padded query/accumulator row
+  // Padded query/accumulator row: whole vectors, or whole 32-dim chunks for bf16 P.V.
+  constexpr int64_t kRowAlign = bf16_dot ? 32 : kVec;
+  const int64_t DP = (D + kRowAlign - 1) / kRowAlign * kRowAlign;
   const int64_t BS = BLOCK ? BLOCK : a.block_size;
-  const int64_t SP = (BS + kVec - 1) / kVec * kVec;  // padded score row
+  // Keys per online-softmax update: several whole blocks when the block size is even (the
+  // bf16 P.V pairs rows within a block, so every block must start at an even offset).
+  const int chunk_blocks = BS % 2 == 0 && BS < kChunkKeys ? int(kChunkKeys / BS) : 1;
+  const int64_t SP = (chunk_blocks * BS + kVec - 1) / kVec * kVec;  // padded score row
   const int G = a.num_heads / a.num_kv_heads;
   const int nrows = it.row_end - it.row_begin;
   const int nkv = it.kv_head_end - it.kv_head_begin;
@@ -384,11 +472,13 @@ void attention_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it, Scratc
   float* l = m + NV;           // running sum
 
   const float qmul = a.scale * a.k_scale;
-  constexpr bool bf16_dot = kBf16Dot && std::is_same_v<cache_t, c10::BFloat16> &&
-                            std::is_same_v<q_t, c10::BFloat16>;
   const int64_t DQ = (D + 31) / 32 * 32;  // bf16 query row, zero-padded for vdpbf16ps
-  if constexpr (bf16_dot) scratch.bf16.resize(size_t(NV) * DQ);
+  if constexpr (bf16_dot) {
+    scratch.bf16.resize(size_t(NV) * DQ);
+    scratch.u32.resize(size_t(NV) * SP / 2);
+  }
   uint16_t* qb = scratch.bf16.data();
+  [[maybe_unused]] uint32_t* p2 = scratch.u32.data();  // [NV][SP / 2] bf16 P.V pairs
   if constexpr (bf16_dot) {
     for (int v = 0; v < NV; ++v) {
       std::memcpy(qb + v * DQ, q_row(v), D * sizeof(uint16_t));
@@ -416,72 +506,121 @@ void attention_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it, Scratc
     return cache + (int64_t(table[b]) * BS + (t - b * BS)) * stride + int64_t(it.kv_head_begin) * D;
   };
 
-  for (int64_t b = k_lo / BS; b * BS < k_end; ++b) {
-    const int64_t t0 = std::max(b * BS, k_lo);
-    const int64_t t1 = std::min((b + 1) * BS, k_end);
+  // The rows of the block kPrefetchBlocks ahead are fetched one head-row per head-row
+  // computed, so memory traffic overlaps the arithmetic (a burst of prefetches per block
+  // stalls instead: measured 11 vs 25-30 GB/s).
+  struct Ahead {
+    const cache_t* k = nullptr;
+    const cache_t* v = nullptr;
+    int n = 0;
+  };
+  auto ahead_of = [&](int64_t b) {
+    Ahead next;
+    const int64_t bn = b + kPrefetchBlocks, tn = bn * BS;
+    if (tn < k_end) {
+      next.n = int(std::min<int64_t>(BS, k_end - tn));
+      next.k = rows_at(a.k_cache(), bn, tn);
+      next.v = rows_at(a.v_cache(), bn, tn);
+    }
+    return next;
+  };
+
+  // Scores of keys [t0, t1) of block b into s at column o, token-major, four rows at a
+  // time: each cache row (all kv heads of the item) is read front to back.
+  auto block_scores = [&](int64_t b, int64_t t0, int64_t t1, int64_t o) {
     const int n = int(t1 - t0);
     const cache_t* kb = rows_at(a.k_cache(), b, t0);
-    const cache_t* vb = rows_at(a.v_cache(), b, t0);
-    // The rows of the block kPrefetchBlocks ahead are fetched one head-row per head-row
-    // computed here, so memory traffic overlaps the arithmetic (a burst of prefetches
-    // per block stalls instead: measured 11 vs 25-30 GB/s).
-    const int64_t bn = b + kPrefetchBlocks;
-    const int64_t tn = bn * BS;
-    const bool has_next = tn < k_end;
-    const int nn = has_next ? int(std::min<int64_t>(BS, k_end - tn)) : 0;
-    const cache_t* next_k = has_next ? rows_at(a.k_cache(), bn, tn) : nullptr;
-    const cache_t* next_v = has_next ? rows_at(a.v_cache(), bn, tn) : nullptr;
-
-    // Token-major sweep, two rows at a time: each cache row (all kv heads of the item)
-    // is read front to back.
+    const Ahead next = ahead_of(b);
+    const int nn = next.n;
     for (int j = 0; j < n; j += 4) {
       const int nj = std::min(4, n - j);
       for (int h = 0; h < nkv; ++h) {
-        for (int t = j; t < j + nj && t < nn; ++t) prefetch_rows(next_k + t * stride + h * D, stride, 1, D);
+        for (int t = j; t < j + nj && t < nn; ++t) prefetch_rows(next.k + t * stride + h * D, stride, 1, D);
         const cache_t* kr = kb + j * stride + h * D;
         for_vector_groups(NVH, [&](int v0, auto nq) {
           const int v = h * NVH + v0;
+          float* sv = s + v * SP + o + j;
           constexpr int NQ = decltype(nq)::value;
           if constexpr (bf16_dot) {
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
             if (NQ == 4 && nj == 4)
-              qk_tile4x4_bf16<HEAD>(qb + v * DQ, DQ, kr, stride, D, qmul, s + v * SP + j, SP);
+              qk_tile4x4_bf16<HEAD>(qb + v * DQ, DQ, kr, stride, D, qmul, sv, SP);
             else
-              qk_scores_bf16<NQ, HEAD>(qb + v * DQ, DQ, kr, stride, nj, D, qmul,
-                                       s + v * SP + j, SP);
+              qk_scores_bf16<NQ, HEAD>(qb + v * DQ, DQ, kr, stride, nj, D, qmul, sv, SP);
 #endif
           } else {
 #if defined(CPU_CAPABILITY_AVX512)
             if (NQ == 4 && nj == 4) {
-              qk_tile4x4<HEAD>(qf + v * DP, DP, kr, stride, D, load, s + v * SP + j, SP);
+              qk_tile4x4<HEAD>(qf + v * DP, DP, kr, stride, D, load, sv, SP);
               return;
             }
 #endif
-            qk_scores<NQ, HEAD>(qf + v * DP, DP, kr, stride, nj, D, load, s + v * SP + j, SP);
+            qk_scores<NQ, HEAD>(qf + v * DP, DP, kr, stride, nj, D, load, sv, SP);
           }
         });
       }
     }
     if (nn > n) {
-      prefetch_rows(next_k + n * stride, stride, nn - n, nkv * D);
-      prefetch_rows(next_v + n * stride, stride, nn - n, nkv * D);
+      prefetch_rows(next.k + n * stride, stride, nn - n, nkv * D);
+      prefetch_rows(next.v + n * stride, stride, nn - n, nkv * D);
     }
+  };
 
-    softmax_block(a, s, SP, NV, t0, t1, base_pos, m, l, acc, DP, row_of, head_of);
-
+  // acc += P . V for keys [t0, t1) of block b, probabilities at column o of s.
+  auto block_values = [&](int64_t b, int64_t t0, int64_t t1, int64_t o) {
+    const int n = int(t1 - t0);
+    const cache_t* vb = rows_at(a.v_cache(), b, t0);
+    const Ahead next = ahead_of(b);
+    const int nn = next.n;
     for (int j = 0; j < n; j += kPvTokens) {
       const int nj = std::min(kPvTokens, n - j);
       for (int h = 0; h < nkv; ++h) {
-        if (j < nn) prefetch_rows(next_v + j * stride + h * D, stride, std::min(nj, nn - j), D);
+        if (j < nn) prefetch_rows(next.v + j * stride + h * D, stride, std::min(nj, nn - j), D);
         for_vector_groups(NVH, [&](int v0, auto nq) {
           const int v = h * NVH + v0;
-          pv_accumulate<decltype(nq)::value, HEAD>(acc + v * DP, DP, s + v * SP + j, SP,
-                                                   vb + j * stride + h * D, stride, nj, D, load);
+          constexpr int NQ = decltype(nq)::value;
+          if constexpr (bf16_dot) {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+            pv_accumulate_bf16<NQ, HEAD>(acc + v * DP, DP, p2 + v * SP / 2 + (o + j) / 2, SP / 2,
+                                         vb + j * stride + h * D, stride, nj, D);
+#endif
+          } else {
+            pv_accumulate<NQ, HEAD>(acc + v * DP, DP, s + v * SP + o + j, SP,
+                                    vb + j * stride + h * D, stride, nj, D, load);
+          }
         });
       }
     }
+  };
+
+  // Chunks of chunk_blocks blocks; a chunk that starts inside a block (a sliding window's
+  // first) holds that block alone, so every block of a chunk starts at an even column.
+  for (int64_t b = k_lo / BS; b * BS < k_end;) {
+    const int nb = b * BS < k_lo ? 1 : chunk_blocks;
+    const int64_t c0 = std::max(b * BS, k_lo);
+    const int64_t c1 = std::min((b + nb) * BS, k_end);
+    auto for_blocks = [&](auto&& f) {
+      for (int64_t bb = b; bb < b + nb && bb * BS < c1; ++bb) {
+        const int64_t t0 = std::max(bb * BS, c0);
+        f(bb, t0, std::min((bb + 1) * BS, c1), t0 - c0);
+      }
+    };
+    for_blocks(block_scores);
+    softmax_block(a, s, SP, NV, c0, c1, base_pos, m, l, acc, DP, row_of, head_of);
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+    if constexpr (bf16_dot) {
+      for (int v = 0; v < NV; ++v) pack_prob_pairs(s + v * SP, SP, p2 + v * SP / 2);
+    }
+#endif
+    for_blocks(block_values);
+    b += nb;
   }
 
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+  if constexpr (bf16_dot) {
+    for (int v = 0; v < NV; ++v) unpermute_pv_chunks(acc + v * DP, DP);
+  }
+#endif
   write_rows(a, q0, NV, D, DP, acc, m, l, row_of, head_of);
 }
 
@@ -495,7 +634,7 @@ template <typename q_t, typename cache_t, int HEAD, int BLOCK>
 void attention_cpu(const TypedArgs<q_t, cache_t>& a, const std::vector<WorkItem>& items) {
   std::atomic<int64_t> next{0};
   const int64_t n = int64_t(items.size());
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+  auto run_items = [&] {
     Scratch scratch;
     for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) {
       if (is_prefix_tile(a, items[i]))
@@ -503,17 +642,21 @@ void attention_cpu(const TypedArgs<q_t, cache_t>& a, const std::vector<WorkItem>
       else
         attention_item<q_t, cache_t, HEAD, BLOCK>(a, items[i], scratch);
     }
-  });
+  };
+  // Small work stays on the calling thread: an OpenMP region saves at most a few us
+  // there, but waits a whole time slice (ms) when another process holds a core.
+  if (a.serial) run_items();
+  else at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) { run_items(); });
 }
 
-// A query dtype equal to the cache dtype: the specialized kernel for the head and block
-// size (csrc/dispatch.h), or the generic one.
+// A query dtype equal to the cache dtype. The CPU kernels read the head and block size
+// at run time: compile-time sizes (csrc/dispatch.h, as the CUDA kernels use) measured
+// 0.97-1.08x on this machine's cache-resident decode and 0.93-1.09x at the 16 x 2048
+// decode (benchmarks/RESULTS.md, "CPU decode: where the time goes"), so they did not pay
+// for 8-32 instantiations per dtype.
 template <typename T>
-void attention_same_dtype(const AttnArgs& raw, const std::vector<WorkItem>& items, bool generic) {
-  const TypedArgs<T, T> a(raw);
-  dispatch_shape(a.head_size, a.block_size, generic, [&](auto head, auto block) {
-    attention_cpu<T, T, decltype(head)::value, decltype(block)::value>(a, items);
-  });
+void attention_same_dtype(const AttnArgs& raw, const std::vector<WorkItem>& items) {
+  attention_cpu<T, T, 0, 0>(TypedArgs<T, T>(raw), items);
 }
 
 }  // namespace pagedkv::cpu

@@ -11,6 +11,7 @@
 #include <c10/util/Float8_e5m2.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -144,6 +145,18 @@ inline float hsum(const Vec& v) {
   v.store(t);
   float r = 0.f;
   for (int i = 0; i < kVec; ++i) r += t[i];
+  return r;
+#endif
+}
+
+inline float hmax(const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_reduce_max_ps(v);
+#else
+  float t[kVec];
+  v.store(t);
+  float r = t[0];
+  for (int i = 1; i < kVec; ++i) r = std::max(r, t[i]);
   return r;
 #endif
 }
