@@ -8,9 +8,9 @@ namespace {
 template <typename q_t>
 void run_fp8(const AttnArgs& raw, const std::vector<WorkItem>& items, Fp8Kind c) {
   if (c == Fp8Kind::kE4m3) {
-    attention_cpu<q_t, c10::Float8_e4m3fn, 0, 0>(TypedArgs<q_t, c10::Float8_e4m3fn>(raw), items);
+    attention_cpu<q_t, c10::Float8_e4m3fn>(TypedArgs<q_t, c10::Float8_e4m3fn>(raw), items);
   } else {
-    attention_cpu<q_t, c10::Float8_e5m2, 0, 0>(TypedArgs<q_t, c10::Float8_e5m2>(raw), items);
+    attention_cpu<q_t, c10::Float8_e5m2>(TypedArgs<q_t, c10::Float8_e5m2>(raw), items);
   }
 }
 

@@ -30,18 +30,17 @@ namespace pagedkv::cpu {
 
 // Loads the vector of cache row r starting at element d, zero-filled past the head size
 // (only possible when the head size is not a multiple of the vector width).
-template <int HEAD, typename cache_t>
+template <typename cache_t>
 inline Vec load_chunk(const Loader<cache_t>& load, const cache_t* r, int64_t d, int64_t D) {
-  if constexpr (HEAD != 0 && HEAD % kVec == 0) return load(r + d);
   return d + kVec <= D ? load(r + d) : load.tail(r + d, int(D - d));
 }
 
 // Scores of NQ query vectors (q, row stride ld, zero-padded to a whole vector) against
 // n cache rows (k, row stride k_stride): s[v * s_ld + j] = q_v . k_j.
-template <int NQ, int HEAD, typename cache_t>
+template <int NQ, typename cache_t>
 inline void qk_scores(const float* q, int64_t ld, const cache_t* k, int64_t k_stride, int n,
                       int64_t head_size, const Loader<cache_t>& load, float* s, int64_t s_ld) {
-  const int64_t D = HEAD ? HEAD : head_size;
+  const int64_t D = head_size;
   int j = 0;
   for (; j + 2 <= n; j += 2) {  // two rows at once: each query load feeds two FMAs
     const cache_t* k0 = k + j * k_stride;
@@ -49,7 +48,7 @@ inline void qk_scores(const float* q, int64_t ld, const cache_t* k, int64_t k_st
     Vec a0[NQ], a1[NQ];
     for (int v = 0; v < NQ; ++v) a0[v] = a1[v] = Vec(0.f);
     for (int64_t d = 0; d < D; d += kVec) {
-      const Vec x0 = load_chunk<HEAD>(load, k0, d, D), x1 = load_chunk<HEAD>(load, k1, d, D);
+      const Vec x0 = load_chunk(load, k0, d, D), x1 = load_chunk(load, k1, d, D);
       for (int v = 0; v < NQ; ++v) {
         const Vec qv = Vec::loadu(q + v * ld + d);
         a0[v] = at::vec::fmadd(qv, x0, a0[v]);
@@ -66,7 +65,7 @@ inline void qk_scores(const float* q, int64_t ld, const cache_t* k, int64_t k_st
     Vec acc[NQ];
     for (int v = 0; v < NQ; ++v) acc[v] = Vec(0.f);
     for (int64_t d = 0; d < D; d += kVec) {
-      const Vec kv = load_chunk<HEAD>(load, kr, d, D);
+      const Vec kv = load_chunk(load, kr, d, D);
       for (int v = 0; v < NQ; ++v) acc[v] = at::vec::fmadd(Vec::loadu(q + v * ld + d), kv, acc[v]);
     }
     for (int v = 0; v < NQ; ++v) s[v * s_ld + j] = hsum(acc[v]);
@@ -105,15 +104,15 @@ inline void store_tile4x4(__m512 r, float mul, float* s, int64_t s_ld) {
 
 // Scores of 4 query vectors x 4 cache rows: each row load feeds 4 FMAs and each query
 // load 4, and the 16 sums reduce together.
-template <int HEAD, typename cache_t>
+template <typename cache_t>
 inline void qk_tile4x4(const float* q, int64_t ld, const cache_t* k, int64_t k_stride,
                        int64_t head_size, const Loader<cache_t>& load, float* s, int64_t s_ld) {
-  const int64_t D = HEAD ? HEAD : head_size;
+  const int64_t D = head_size;
   __m512 acc[16];
   for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t d = 0; d < D; d += kVec) {
     __m512 kv[4];
-    for (int t = 0; t < 4; ++t) kv[t] = load_chunk<HEAD>(load, k + t * k_stride, d, D);
+    for (int t = 0; t < 4; ++t) kv[t] = load_chunk(load, k + t * k_stride, d, D);
     for (int v = 0; v < 4; ++v) {
       const __m512 qv = _mm512_loadu_ps(q + v * ld + d);
       for (int t = 0; t < 4; ++t) acc[v * 4 + t] = _mm512_fmadd_ps(qv, kv[t], acc[v * 4 + t]);
@@ -126,7 +125,7 @@ inline void qk_tile4x4(const float* q, int64_t ld, const cache_t* k, int64_t k_s
 // acc_v[d, d + C * kVec) += sum_j p[v * p_ld + j] * v_j for NQ vectors over n cache rows:
 // the NQ x C accumulators stay in registers across all rows, and each probability
 // broadcast feeds C FMAs. kWhole: the C vectors lie inside the head (plain loads).
-template <int NQ, int C, int HEAD, bool kWhole, typename cache_t>
+template <int NQ, int C, bool kWhole, typename cache_t>
 inline void pv_vectors(float* acc, int64_t ld, const float* p, int64_t p_ld, const cache_t* vrow,
                        int64_t v_stride, int n, int64_t d, int64_t D, const Loader<cache_t>& load) {
   Vec a[NQ][C];
@@ -136,7 +135,7 @@ inline void pv_vectors(float* acc, int64_t ld, const float* p, int64_t p_ld, con
     Vec x[C];
     for (int c = 0; c < C; ++c) {
       const cache_t* r = vrow + j * v_stride;
-      x[c] = kWhole ? load(r + d + c * kVec) : load_chunk<HEAD>(load, r, d + c * kVec, D);
+      x[c] = kWhole ? load(r + d + c * kVec) : load_chunk(load, r, d + c * kVec, D);
     }
     for (int v = 0; v < NQ; ++v) {
       const Vec pj(p[v * p_ld + j]);
@@ -150,19 +149,19 @@ inline void pv_vectors(float* acc, int64_t ld, const float* p, int64_t p_ld, con
 // acc_v += sum_j p[v * p_ld + j] * v_j for NQ vectors over n cache rows (acc rows padded
 // to a whole vector; the padding stays zero): 4 vectors of the head dim per pass with
 // AVX-512 (16 accumulators of 32 registers), 2 with AVX2 (16 registers).
-template <int NQ, int HEAD, typename cache_t>
+template <int NQ, typename cache_t>
 inline void pv_accumulate(float* acc, int64_t ld, const float* p, int64_t p_ld, const cache_t* vrow,
                           int64_t v_stride, int n, int64_t head_size, const Loader<cache_t>& load) {
   constexpr int C = kVec == 16 ? 4 : 2;
-  const int64_t D = HEAD ? HEAD : head_size;
+  const int64_t D = head_size;
   int64_t d = 0;
   for (; d + C * kVec <= D; d += C * kVec)
-    pv_vectors<NQ, C, HEAD, true>(acc, ld, p, p_ld, vrow, v_stride, n, d, D, load);
+    pv_vectors<NQ, C, true>(acc, ld, p, p_ld, vrow, v_stride, n, d, D, load);
   for (; d + 2 * kVec <= D; d += 2 * kVec)
-    pv_vectors<NQ, 2, HEAD, true>(acc, ld, p, p_ld, vrow, v_stride, n, d, D, load);
+    pv_vectors<NQ, 2, true>(acc, ld, p, p_ld, vrow, v_stride, n, d, D, load);
   for (; d + kVec <= D; d += kVec)
-    pv_vectors<NQ, 1, HEAD, true>(acc, ld, p, p_ld, vrow, v_stride, n, d, D, load);
-  if (d < D) pv_vectors<NQ, 1, HEAD, false>(acc, ld, p, p_ld, vrow, v_stride, n, d, D, load);
+    pv_vectors<NQ, 1, true>(acc, ld, p, p_ld, vrow, v_stride, n, d, D, load);
+  if (d < D) pv_vectors<NQ, 1, false>(acc, ld, p, p_ld, vrow, v_stride, n, d, D, load);
 }
 
 // Pulls n cache rows (head_size elements each, stride apart) into L1 ahead of use.
@@ -184,12 +183,11 @@ constexpr bool kBf16Dot = true;
 
 // s[v * s_ld + j] = mul * (q_v . k_j) for NQ bf16 query rows (row stride ld elements,
 // zero-padded to a multiple of 32) against n bf16 cache rows.
-template <int NQ, int HEAD>
+template <int NQ>
 inline void qk_scores_bf16(const uint16_t* q, int64_t ld, const c10::BFloat16* k, int64_t k_stride,
                            int n, int64_t head_size, float mul, float* s, int64_t s_ld) {
-  const int64_t D = HEAD ? HEAD : head_size;
+  const int64_t D = head_size;
   auto load_k = [&](const c10::BFloat16* r, int64_t d) {
-    if (HEAD != 0 && HEAD % 32 == 0) return _mm512_loadu_si512(r + d);
     return d + 32 <= D ? _mm512_loadu_si512(r + d)
                        : _mm512_maskz_loadu_epi16(__mmask32((1ull << (D - d)) - 1), r + d);
   };
@@ -226,19 +224,17 @@ inline void qk_scores_bf16(const uint16_t* q, int64_t ld, const c10::BFloat16* k
 }
 
 // qk_tile4x4 for bf16 queries and cache, with vdpbf16ps.
-template <int HEAD>
 inline void qk_tile4x4_bf16(const uint16_t* q, int64_t ld, const c10::BFloat16* k, int64_t k_stride,
                             int64_t head_size, float mul, float* s, int64_t s_ld) {
-  const int64_t D = HEAD ? HEAD : head_size;
+  const int64_t D = head_size;
   __m512 acc[16];
   for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t d = 0; d < D; d += 32) {
     __m512bh kv[4];
     for (int t = 0; t < 4; ++t) {
       const c10::BFloat16* r = k + t * k_stride + d;
-      kv[t] = (__m512bh)((HEAD != 0 && HEAD % 32 == 0) || d + 32 <= D
-                             ? _mm512_loadu_si512(r)
-                             : _mm512_maskz_loadu_epi16(__mmask32((1ull << (D - d)) - 1), r));
+      kv[t] = (__m512bh)(d + 32 <= D ? _mm512_loadu_si512(r)
+                                     : _mm512_maskz_loadu_epi16(__mmask32((1ull << (D - d)) - 1), r));
     }
     for (int v = 0; v < 4; ++v) {
       const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + v * ld + d);
@@ -254,18 +250,17 @@ inline void qk_tile4x4_bf16(const uint16_t* q, int64_t ld, const c10::BFloat16* 
 // rounded to bf16, as GPU flash-attention kernels do (the running sum l stays float32).
 // One instruction does 2 rows x 16 dims, and V is never widened to float32. The
 // accumulator rows keep that unpack order; unpermute_pv_chunks restores it at the end.
-inline __m512i load_bf16_chunk(const c10::BFloat16* r, int64_t d, int64_t D, bool whole) {
-  return whole || d + 32 <= D ? _mm512_loadu_si512(r + d)
-                              : _mm512_maskz_loadu_epi16(__mmask32((1ull << (D - d)) - 1), r + d);
+inline __m512i load_bf16_chunk(const c10::BFloat16* r, int64_t d, int64_t D) {
+  return d + 32 <= D ? _mm512_loadu_si512(r + d)
+                     : _mm512_maskz_loadu_epi16(__mmask32((1ull << (D - d)) - 1), r + d);
 }
 
 // acc_v (C chunks of 32 dims from d, unpack order) += P_v . V over n rows; p2 holds the
 // bf16 probability pairs of vector v at p2[v * p2_ld + j / 2].
-template <int NQ, int C, int HEAD>
+template <int NQ, int C>
 inline void pv_chunks_bf16(float* acc, int64_t ld, const uint32_t* p2, int64_t p2_ld,
                            const c10::BFloat16* vrow, int64_t v_stride, int n, int64_t d,
                            int64_t D) {
-  constexpr bool whole = HEAD != 0 && HEAD % 32 == 0;
   __m512 lo[NQ][C], hi[NQ][C];
   for (int v = 0; v < NQ; ++v)
     for (int c = 0; c < C; ++c) {
@@ -275,8 +270,8 @@ inline void pv_chunks_bf16(float* acc, int64_t ld, const uint32_t* p2, int64_t p
   auto rows = [&](int pair, const c10::BFloat16* r0, const c10::BFloat16* r1) {
     __m512i x[C][2];
     for (int c = 0; c < C; ++c) {
-      const __m512i a = load_bf16_chunk(r0, d + 32 * c, D, whole);
-      const __m512i b = r1 ? load_bf16_chunk(r1, d + 32 * c, D, whole) : _mm512_setzero_si512();
+      const __m512i a = load_bf16_chunk(r0, d + 32 * c, D);
+      const __m512i b = r1 ? load_bf16_chunk(r1, d + 32 * c, D) : _mm512_setzero_si512();
       x[c][0] = _mm512_unpacklo_epi16(a, b);
       x[c][1] = _mm512_unpackhi_epi16(a, b);
     }
@@ -300,14 +295,14 @@ inline void pv_chunks_bf16(float* acc, int64_t ld, const uint32_t* p2, int64_t p
 
 // Two chunks (64 dims) per pass: 16 accumulators for 4 vectors, each probability
 // broadcast feeds 4 instructions.
-template <int NQ, int HEAD>
+template <int NQ>
 inline void pv_accumulate_bf16(float* acc, int64_t ld, const uint32_t* p2, int64_t p2_ld,
                                const c10::BFloat16* vrow, int64_t v_stride, int n,
                                int64_t head_size) {
-  const int64_t D = HEAD ? HEAD : head_size;
+  const int64_t D = head_size;
   int64_t d = 0;
-  for (; d + 32 < D; d += 64) pv_chunks_bf16<NQ, 2, HEAD>(acc, ld, p2, p2_ld, vrow, v_stride, n, d, D);
-  if (d < D) pv_chunks_bf16<NQ, 1, HEAD>(acc, ld, p2, p2_ld, vrow, v_stride, n, d, D);
+  for (; d + 32 < D; d += 64) pv_chunks_bf16<NQ, 2>(acc, ld, p2, p2_ld, vrow, v_stride, n, d, D);
+  if (d < D) pv_chunks_bf16<NQ, 1>(acc, ld, p2, p2_ld, vrow, v_stride, n, d, D);
 }
 
 // n probabilities -> bf16 pairs (p[2i], p[2i+1]) as one uint32 each; n a multiple of 16.
@@ -436,15 +431,15 @@ inline void write_rows(const TypedArgs<q_t, cache_t>& a, int64_t q0, int NV, int
   }
 }
 
-template <typename q_t, typename cache_t, int HEAD, int BLOCK>
+template <typename q_t, typename cache_t>
 void attention_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it, Scratch& scratch) {
   constexpr bool bf16_dot = kBf16Dot && std::is_same_v<cache_t, c10::BFloat16> &&
                             std::is_same_v<q_t, c10::BFloat16>;
-  const int64_t D = HEAD ? HEAD : a.head_size;
+  const int64_t D = a.head_size;
   // Padded query/accumulator row: whole vectors, or whole 32-dim chunks for bf16 P.V.
   constexpr int64_t kRowAlign = bf16_dot ? 32 : kVec;
   const int64_t DP = (D + kRowAlign - 1) / kRowAlign * kRowAlign;
-  const int64_t BS = BLOCK ? BLOCK : a.block_size;
+  const int64_t BS = a.block_size;
   // Keys per online-softmax update: several whole blocks when the block size is even (the
   // bf16 P.V pairs rows within a block, so every block must start at an even offset).
   const int chunk_blocks = BS % 2 == 0 && BS < kChunkKeys ? int(kChunkKeys / BS) : 1;
@@ -544,18 +539,18 @@ void attention_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it, Scratc
           if constexpr (bf16_dot) {
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
             if (NQ == 4 && nj == 4)
-              qk_tile4x4_bf16<HEAD>(qb + v * DQ, DQ, kr, stride, D, qmul, sv, SP);
+              qk_tile4x4_bf16(qb + v * DQ, DQ, kr, stride, D, qmul, sv, SP);
             else
-              qk_scores_bf16<NQ, HEAD>(qb + v * DQ, DQ, kr, stride, nj, D, qmul, sv, SP);
+              qk_scores_bf16<NQ>(qb + v * DQ, DQ, kr, stride, nj, D, qmul, sv, SP);
 #endif
           } else {
 #if defined(CPU_CAPABILITY_AVX512)
             if (NQ == 4 && nj == 4) {
-              qk_tile4x4<HEAD>(qf + v * DP, DP, kr, stride, D, load, sv, SP);
+              qk_tile4x4(qf + v * DP, DP, kr, stride, D, load, sv, SP);
               return;
             }
 #endif
-            qk_scores<NQ, HEAD>(qf + v * DP, DP, kr, stride, nj, D, load, sv, SP);
+            qk_scores<NQ>(qf + v * DP, DP, kr, stride, nj, D, load, sv, SP);
           }
         });
       }
@@ -581,11 +576,11 @@ void attention_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it, Scratc
           constexpr int NQ = decltype(nq)::value;
           if constexpr (bf16_dot) {
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
-            pv_accumulate_bf16<NQ, HEAD>(acc + v * DP, DP, p2 + v * SP / 2 + (o + j) / 2, SP / 2,
+            pv_accumulate_bf16<NQ>(acc + v * DP, DP, p2 + v * SP / 2 + (o + j) / 2, SP / 2,
                                          vb + j * stride + h * D, stride, nj, D);
 #endif
           } else {
-            pv_accumulate<NQ, HEAD>(acc + v * DP, DP, s + v * SP + o + j, SP,
+            pv_accumulate<NQ>(acc + v * DP, DP, s + v * SP + o + j, SP,
                                     vb + j * stride + h * D, stride, nj, D, load);
           }
         });
@@ -626,11 +621,11 @@ void attention_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it, Scratc
 
 // The prefix pass's matrix-style tile (attention_prefix.h, included at the end).
 inline bool is_prefix_tile(const AttnArgs& a, const WorkItem& it);
-template <typename q_t, typename cache_t, int HEAD, int BLOCK>
+template <typename q_t, typename cache_t>
 void attention_prefix_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it,
                            Scratch& scratch);
 
-template <typename q_t, typename cache_t, int HEAD, int BLOCK>
+template <typename q_t, typename cache_t>
 void attention_cpu(const TypedArgs<q_t, cache_t>& a, const std::vector<WorkItem>& items) {
   std::atomic<int64_t> next{0};
   const int64_t n = int64_t(items.size());
@@ -638,9 +633,9 @@ void attention_cpu(const TypedArgs<q_t, cache_t>& a, const std::vector<WorkItem>
     Scratch scratch;
     for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) {
       if (is_prefix_tile(a, items[i]))
-        attention_prefix_item<q_t, cache_t, HEAD, BLOCK>(a, items[i], scratch);
+        attention_prefix_item<q_t, cache_t>(a, items[i], scratch);
       else
-        attention_item<q_t, cache_t, HEAD, BLOCK>(a, items[i], scratch);
+        attention_item<q_t, cache_t>(a, items[i], scratch);
     }
   };
   // Small work stays on the calling thread: an OpenMP region saves at most a few us
@@ -656,7 +651,7 @@ void attention_cpu(const TypedArgs<q_t, cache_t>& a, const std::vector<WorkItem>
 // for 8-32 instantiations per dtype.
 template <typename T>
 void attention_same_dtype(const AttnArgs& raw, const std::vector<WorkItem>& items) {
-  attention_cpu<T, T, 0, 0>(TypedArgs<T, T>(raw), items);
+  attention_cpu<T, T>(TypedArgs<T, T>(raw), items);
 }
 
 }  // namespace pagedkv::cpu

@@ -50,11 +50,11 @@ inline void for_row_groups(int nv, F&& f) {
 
 // kt[d * SP + j] = k_j[d] widened to float32 for the chunk's n keys (rows[j]); columns
 // n..SP are 0. row: scratch of DP floats.
-template <int HEAD, typename cache_t>
+template <typename cache_t>
 inline void pack_keys(const cache_t* const* rows, int n, int64_t D, int64_t SP,
                       const Loader<cache_t>& load, float* row, float* kt) {
   for (int j = 0; j < n; ++j) {
-    for (int64_t d = 0; d < D; d += kVec) load_chunk<HEAD>(load, rows[j], d, D).store(row + d);
+    for (int64_t d = 0; d < D; d += kVec) load_chunk(load, rows[j], d, D).store(row + d);
     for (int64_t d = 0; d < D; ++d) kt[d * SP + j] = row[d];
   }
   if (n < SP) {
@@ -172,12 +172,12 @@ inline void for_key_groups(int64_t SP, int W, F&& f) {
   for_row_groups<NC>(int(SP / W), [&](int c, auto nc) { f(int64_t(c) * W, nc); });
 }
 
-template <typename q_t, typename cache_t, int HEAD, int BLOCK>
+template <typename q_t, typename cache_t>
 void attention_prefix_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it,
                            Scratch& scratch) {
-  const int64_t D = HEAD ? HEAD : a.head_size;
+  const int64_t D = a.head_size;
   const int64_t DP = (D + kVec - 1) / kVec * kVec;
-  const int64_t BS = BLOCK ? BLOCK : a.block_size;
+  const int64_t BS = a.block_size;
   const int64_t CB = std::max<int64_t>(1, kPrefixChunkKeys / BS);  // blocks per chunk
   const int64_t SP = (CB * BS + 15) / 16 * 16;  // padded score row: a chunk's keys
   const int G = a.num_heads / a.num_kv_heads;
@@ -265,7 +265,7 @@ void attention_prefix_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it,
       });
 #endif
     } else {
-      pack_keys<HEAD>(krows.data(), n, D, SP, load, row, kt);
+      pack_keys(krows.data(), n, D, SP, load, row, kt);
       for_key_groups<kKeyVecs>(SP, kVec, [&](int64_t c0, auto nc) {
         for_row_groups<4>(NV, [&](int v, auto r) {
           qk_outer<decltype(r)::value, decltype(nc)::value>(qf + v * DP, DP, kt, SP, c0, D,
@@ -298,11 +298,11 @@ void attention_prefix_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it,
       // Value rows as float32, widened once for the whole tile.
       for (int j = 0; j < n; ++j)
         for (int64_t d = 0; d < D; d += kVec)
-          load_chunk<HEAD>(load, vrows[j], d, D).store(vf + j * DP + d);
+          load_chunk(load, vrows[j], d, D).store(vf + j * DP + d);
       const Loader<float> fload;
       for_vector_groups(NV, [&](int v, auto nq) {
-        pv_accumulate<decltype(nq)::value, HEAD>(acc + v * DP, DP, s + v * SP, SP, vf, DP, n,
-                                                 D, fload);
+        pv_accumulate<decltype(nq)::value>(acc + v * DP, DP, s + v * SP, SP, vf, DP, n, D,
+                                           fload);
       });
     }
   }
