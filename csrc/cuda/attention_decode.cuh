@@ -51,6 +51,33 @@ struct RowLayout {
   static_assert(HEAD % 8 == 0 && HEAD <= 256, "specialized head sizes are multiples of 8 <= 256");
 };
 
+// A token group's share of U cache rows: rows i0, i0 + NG, ... of the partition starting
+// at key lo (n keys), chunks gl, gl + TG, ... of each, widened to float. ok[u] is false,
+// and the row zeros, past the partition's end or where the block table has no readable
+// block.
+template <typename CT, int TG, typename CE, int U, int CPL>
+__device__ __forceinline__ void load_rows(const CE* cache, const BlockLookup& look,
+                                          int64_t row_stride, int i0, int NG, int n, int lo,
+                                          int gl, int nchunks, float (&f)[U][CPL][8],
+                                          bool (&ok)[U]) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int i = i0 + u * NG;
+    const int64_t slot = i < n ? look.slot(lo + i) : -1;  // -1: past the end or bad block
+    ok[u] = slot >= 0;
+#pragma unroll
+    for (int j = 0; j < CPL; ++j) {
+      const int c = gl + j * TG;
+      if (ok[u] && c < nchunks) {
+        Vec8<CT>::load(cache + slot * row_stride + c * 8, f[u][j]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) f[u][j][e] = 0.f;
+      }
+    }
+  }
+}
+
 template <typename QT, typename CT, int HEAD, int MAXH>
 __global__ void __launch_bounds__(256)
     decode_kernel(const AttentionParams p, const DecodeScratch scratch, int hp, int P,
@@ -149,22 +176,7 @@ __global__ void __launch_bounds__(256)
     for (int it = 0; it < iters; it += U) {
       float kf[U][CPL][8];
       bool ok[U];
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int i = (it + u) * NG + grp;
-        const int64_t slot = i < n ? look.slot(lo + i) : -1;  // -1: past the end or bad block
-        ok[u] = slot >= 0;
-#pragma unroll
-        for (int j = 0; j < CPL; ++j) {
-          const int c = gl + j * TG;
-          if (ok[u] && c < nchunks) {
-            Vec8<CT>::load(kc + slot * row_stride + c * 8, kf[u][j]);
-          } else {
-#pragma unroll
-            for (int e = 0; e < 8; ++e) kf[u][j][e] = 0.f;
-          }
-        }
-      }
+      load_rows<CT, TG>(kc, look, row_stride, it * NG + grp, NG, n, lo, gl, nchunks, kf, ok);
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int i = (it + u) * NG + grp;
@@ -225,22 +237,7 @@ __global__ void __launch_bounds__(256)
     for (int it = 0; it < iters; it += U) {
       float vf[U][CPL][8];
       bool ok[U];
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int i = (it + u) * NG + grp;
-        const int64_t slot = i < n ? look.slot(lo + i) : -1;
-        ok[u] = slot >= 0;
-#pragma unroll
-        for (int j = 0; j < CPL; ++j) {
-          const int c = gl + j * TG;
-          if (ok[u] && c < nchunks) {
-            Vec8<CT>::load(vc + slot * row_stride + c * 8, vf[u][j]);
-          } else {
-#pragma unroll
-            for (int e = 0; e < 8; ++e) vf[u][j][e] = 0.f;
-          }
-        }
-      }
+      load_rows<CT, TG>(vc, look, row_stride, it * NG + grp, NG, n, lo, gl, nchunks, vf, ok);
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         if (!ok[u]) continue;
