@@ -39,8 +39,7 @@ inline Vec load_chunk(const Loader<cache_t>& load, const cache_t* r, int64_t d, 
 // n cache rows (k, row stride k_stride): s[v * s_ld + j] = q_v . k_j.
 template <int NQ, typename cache_t>
 inline void qk_scores(const float* q, int64_t ld, const cache_t* k, int64_t k_stride, int n,
-                      int64_t head_size, const Loader<cache_t>& load, float* s, int64_t s_ld) {
-  const int64_t D = head_size;
+                      int64_t D, const Loader<cache_t>& load, float* s, int64_t s_ld) {
   int j = 0;
   for (; j + 2 <= n; j += 2) {  // two rows at once: each query load feeds two FMAs
     const cache_t* k0 = k + j * k_stride;
@@ -106,8 +105,7 @@ inline void store_tile4x4(__m512 r, float mul, float* s, int64_t s_ld) {
 // load 4, and the 16 sums reduce together.
 template <typename cache_t>
 inline void qk_tile4x4(const float* q, int64_t ld, const cache_t* k, int64_t k_stride,
-                       int64_t head_size, const Loader<cache_t>& load, float* s, int64_t s_ld) {
-  const int64_t D = head_size;
+                       int64_t D, const Loader<cache_t>& load, float* s, int64_t s_ld) {
   __m512 acc[16];
   for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t d = 0; d < D; d += kVec) {
@@ -151,9 +149,8 @@ inline void pv_vectors(float* acc, int64_t ld, const float* p, int64_t p_ld, con
 // AVX-512 (16 accumulators of 32 registers), 2 with AVX2 (16 registers).
 template <int NQ, typename cache_t>
 inline void pv_accumulate(float* acc, int64_t ld, const float* p, int64_t p_ld, const cache_t* vrow,
-                          int64_t v_stride, int n, int64_t head_size, const Loader<cache_t>& load) {
+                          int64_t v_stride, int n, int64_t D, const Loader<cache_t>& load) {
   constexpr int C = kVec == 16 ? 4 : 2;
-  const int64_t D = head_size;
   int64_t d = 0;
   for (; d + C * kVec <= D; d += C * kVec)
     pv_vectors<NQ, C, true>(acc, ld, p, p_ld, vrow, v_stride, n, d, D, load);
@@ -181,16 +178,17 @@ inline void prefetch_rows(const cache_t* rows, int64_t stride, int n, int64_t he
 // skipping the widening of K (the products of two bf16 values are exact in float32).
 constexpr bool kBf16Dot = true;
 
+// 32 bf16 elements of cache row r from element d, zero past the head size D.
+inline __m512i load_bf16_chunk(const c10::BFloat16* r, int64_t d, int64_t D) {
+  return d + 32 <= D ? _mm512_loadu_si512(r + d)
+                     : _mm512_maskz_loadu_epi16(__mmask32((1ull << (D - d)) - 1), r + d);
+}
+
 // s[v * s_ld + j] = mul * (q_v . k_j) for NQ bf16 query rows (row stride ld elements,
 // zero-padded to a multiple of 32) against n bf16 cache rows.
 template <int NQ>
 inline void qk_scores_bf16(const uint16_t* q, int64_t ld, const c10::BFloat16* k, int64_t k_stride,
-                           int n, int64_t head_size, float mul, float* s, int64_t s_ld) {
-  const int64_t D = head_size;
-  auto load_k = [&](const c10::BFloat16* r, int64_t d) {
-    return d + 32 <= D ? _mm512_loadu_si512(r + d)
-                       : _mm512_maskz_loadu_epi16(__mmask32((1ull << (D - d)) - 1), r + d);
-  };
+                           int n, int64_t D, float mul, float* s, int64_t s_ld) {
   int j = 0;
   for (; j + 2 <= n; j += 2) {  // two rows at once: each query load feeds two dot products
     const c10::BFloat16* k0 = k + j * k_stride;
@@ -198,7 +196,8 @@ inline void qk_scores_bf16(const uint16_t* q, int64_t ld, const c10::BFloat16* k
     __m512 a0[NQ], a1[NQ];
     for (int v = 0; v < NQ; ++v) a0[v] = a1[v] = _mm512_setzero_ps();
     for (int64_t d = 0; d < D; d += 32) {
-      const __m512bh x0 = (__m512bh)load_k(k0, d), x1 = (__m512bh)load_k(k1, d);
+      const __m512bh x0 = (__m512bh)load_bf16_chunk(k0, d, D),
+                      x1 = (__m512bh)load_bf16_chunk(k1, d, D);
       for (int v = 0; v < NQ; ++v) {
         const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + v * ld + d);
         a0[v] = _mm512_dpbf16_ps(a0[v], qv, x0);
@@ -215,7 +214,7 @@ inline void qk_scores_bf16(const uint16_t* q, int64_t ld, const c10::BFloat16* k
     __m512 acc[NQ];
     for (int v = 0; v < NQ; ++v) acc[v] = _mm512_setzero_ps();
     for (int64_t d = 0; d < D; d += 32) {
-      const __m512bh kv = (__m512bh)load_k(kr, d);
+      const __m512bh kv = (__m512bh)load_bf16_chunk(kr, d, D);
       for (int v = 0; v < NQ; ++v)
         acc[v] = _mm512_dpbf16_ps(acc[v], (__m512bh)_mm512_loadu_si512(q + v * ld + d), kv);
     }
@@ -225,16 +224,13 @@ inline void qk_scores_bf16(const uint16_t* q, int64_t ld, const c10::BFloat16* k
 
 // qk_tile4x4 for bf16 queries and cache, with vdpbf16ps.
 inline void qk_tile4x4_bf16(const uint16_t* q, int64_t ld, const c10::BFloat16* k, int64_t k_stride,
-                            int64_t head_size, float mul, float* s, int64_t s_ld) {
-  const int64_t D = head_size;
+                            int64_t D, float mul, float* s, int64_t s_ld) {
   __m512 acc[16];
   for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t d = 0; d < D; d += 32) {
     __m512bh kv[4];
     for (int t = 0; t < 4; ++t) {
-      const c10::BFloat16* r = k + t * k_stride + d;
-      kv[t] = (__m512bh)(d + 32 <= D ? _mm512_loadu_si512(r)
-                                     : _mm512_maskz_loadu_epi16(__mmask32((1ull << (D - d)) - 1), r));
+      kv[t] = (__m512bh)load_bf16_chunk(k + t * k_stride, d, D);
     }
     for (int v = 0; v < 4; ++v) {
       const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + v * ld + d);
@@ -250,10 +246,6 @@ inline void qk_tile4x4_bf16(const uint16_t* q, int64_t ld, const c10::BFloat16* 
 // rounded to bf16, as GPU flash-attention kernels do (the running sum l stays float32).
 // One instruction does 2 rows x 16 dims, and V is never widened to float32. The
 // accumulator rows keep that unpack order; unpermute_pv_chunks restores it at the end.
-inline __m512i load_bf16_chunk(const c10::BFloat16* r, int64_t d, int64_t D) {
-  return d + 32 <= D ? _mm512_loadu_si512(r + d)
-                     : _mm512_maskz_loadu_epi16(__mmask32((1ull << (D - d)) - 1), r + d);
-}
 
 // acc_v (C chunks of 32 dims from d, unpack order) += P_v . V over n rows; p2 holds the
 // bf16 probability pairs of vector v at p2[v * p2_ld + j / 2].
@@ -298,8 +290,7 @@ inline void pv_chunks_bf16(float* acc, int64_t ld, const uint32_t* p2, int64_t p
 template <int NQ>
 inline void pv_accumulate_bf16(float* acc, int64_t ld, const uint32_t* p2, int64_t p2_ld,
                                const c10::BFloat16* vrow, int64_t v_stride, int n,
-                               int64_t head_size) {
-  const int64_t D = head_size;
+                               int64_t D) {
   int64_t d = 0;
   for (; d + 32 < D; d += 64) pv_chunks_bf16<NQ, 2>(acc, ld, p2, p2_ld, vrow, v_stride, n, d, D);
   if (d < D) pv_chunks_bf16<NQ, 1>(acc, ld, p2, p2_ld, vrow, v_stride, n, d, D);
