@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..engine.llm import load_model
 from ..engine.model_runner import ModelRunner, PlannedStep
 from . import launch
 from .launch import WorkerFailure, Workers
@@ -81,24 +82,6 @@ def builder_device(source: ModelSource) -> Optional[str]:
     return None
 
 
-def build_model(source: ModelSource, device: Optional[torch.device]) -> tuple[nn.Module, Any]:
-    """(the full PagedModel on `device` (None: where the builder put it; a checkpoint
-    loads on the CPU), the checkpoint's tokenizer or None)."""
-    from ..engine.llm import _is_hf_model, _model_device
-    tokenizer = None
-    if isinstance(source, (str, os.PathLike)):
-        from ..engine.checkpoint import load_checkpoint
-        model, tokenizer = load_checkpoint(source)
-    else:
-        model = source()
-    if _is_hf_model(model):
-        from ..integrations.hf import as_paged_model
-        model = as_paged_model(model)
-    if device is not None and _model_device(model) != device:
-        model = model.to(device)
-    return model, tokenizer
-
-
 class TensorParallel:
     """This process's rank of a tensor-parallel engine (see the module docstring)."""
 
@@ -144,7 +127,7 @@ class TensorParallel:
             check_divisible(world, heads, kv, inter)
         if launched is not None:
             return cls._join(source, world, device)
-        model, tokenizer = build_model(
+        model, tokenizer = load_model(
             source, launch.local_device(device, 0) if device is not None else None)
         device_type = next(model.parameters()).device.type
         check_devices(device_type, world)
@@ -171,7 +154,7 @@ class TensorParallel:
         owns = launch.join_existing(device_type)
         plan_group = launch.plan_group()  # before building: rank 0 then sees a failed build
         rank = dist.get_rank()
-        model, tokenizer = build_model(source, launch.local_device(device_type, rank))
+        model, tokenizer = load_model(source, launch.local_device(device_type, rank))
         check_divisible(world, *model_geometry(model))
         return cls(rank, world, model, tokenizer if rank == 0 else None, None, owns, plan_group)
 

@@ -59,6 +59,25 @@ def _model_device(model) -> torch.device:
     return torch.device("cpu")
 
 
+def load_model(source, device: Optional[torch.device]) -> tuple[Any, Any]:
+    """A model given by source: a local checkpoint path (loaded on the CPU, files only)
+    or a builder (a callable returning the model). Returns (the model, adapted to a
+    PagedModel when it is a Hugging Face one, on `device` unless that is None; the
+    checkpoint's tokenizer or None)."""
+    tokenizer = None
+    if isinstance(source, (str, os.PathLike)):
+        from .checkpoint import load_checkpoint
+        model, tokenizer = load_checkpoint(source)
+    else:
+        model = source()
+    if _is_hf_model(model):
+        from ..integrations.hf import as_paged_model
+        model = as_paged_model(model)  # refuses a model it cannot route
+    if device is not None and _model_device(model) != device:
+        model = model.to(device)
+    return model, tokenizer
+
+
 def _cascade_rule(enable_cascade: Optional[bool]) -> Optional[CascadeRule]:
     if enable_cascade is None:
         return AUTO_CASCADE
@@ -138,14 +157,11 @@ class LLM:
             self.tp = TensorParallel.start(model, tensor_parallel_size, device, engine_args)
             model = self.tp.model  # this rank's shard
             tokenizer = self.tp.tokenizer if tokenizer is None else tokenizer
-        elif isinstance(model, (str, os.PathLike)):
-            from .checkpoint import load_checkpoint
-            model, saved_tokenizer = load_checkpoint(model)
+        elif isinstance(model, (str, os.PathLike)) or (
+                callable(model) and not hasattr(model, "forward")):  # a builder, as for N > 1
+            model, saved_tokenizer = load_model(model, None if device is None
+                                                else torch.device(device))
             tokenizer = saved_tokenizer if tokenizer is None else tokenizer
-            model = model if device is None else model.to(device)
-        elif callable(model) and not hasattr(model, "forward"):  # a builder, as for N > 1
-            model = model()
-            model = model if device is None else model.to(device)
         try:
             self._build(model, tokenizer, **engine_args)
             if self.tp is not None:  # rank 0 returns; any other rank serves until stopped
