@@ -14,6 +14,11 @@ export CUDA_HOME ?= /usr/local/cuda
 export TORCH_CUDA_ARCH_LIST ?= 9.0
 export MAX_JOBS ?= 2
 export PAGEDKV_CUDA ?= auto
+# The SIMT-emulated CUDA kernels (torch_pagedkv._simt, tests only): built by `make test`.
+export PAGEDKV_SIMT ?= 0
+# A machine without a GPU runs the demo on the CPU kernels alone: `make run` then skips
+# compiling CUDA objects it cannot use (`make test` and CI still build and run them).
+HAVE_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
 # The CPU kernels' ISA: AVX-512 where this CPU has it (16-float vectors), else AVX2.
 PAGEDKV_CPU_ISA ?= $(shell grep -qw avx512bw /proc/cpuinfo 2>/dev/null && grep -qw avx512vl /proc/cpuinfo && grep -qw avx512_bf16 /proc/cpuinfo && echo avx512 || echo avx2)
 export PAGEDKV_CPU_ISA := $(PAGEDKV_CPU_ISA)
@@ -23,10 +28,10 @@ SOURCES := $(sort $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h'
 # seconds. PAGEDKV_BUILD_CACHE=0 (CI) always compiles.
 PAGEDKV_BUILD_CACHE ?= 1
 space := $(subst ,, )
-BUILD_KEY := $(shell cat $(SOURCES) | sha256sum | cut -c1-16)-$(REQ_HASH)-$(PAGEDKV_CUDA)-$(PAGEDKV_CPU_ISA)-$(subst ;,_,$(subst $(space),_,$(TORCH_CUDA_ARCH_LIST)))
+BUILD_KEY := $(shell cat $(SOURCES) | sha256sum | cut -c1-16)-$(REQ_HASH)-$(PAGEDKV_CUDA)-simt$(PAGEDKV_SIMT)-$(PAGEDKV_CPU_ISA)-$(subst ;,_,$(subst $(space),_,$(TORCH_CUDA_ARCH_LIST)))
 LIB_CACHE := $(ENV_CACHE)/lib-$(BUILD_KEY)
 
-.PHONY: env build run test bench clean
+.PHONY: env build build-test run test bench clean
 
 env: .venv/.checkout-ready-$(REQ_HASH)
 
@@ -52,22 +57,29 @@ $(STAMP): $(SOURCES) .venv/.checkout-ready-$(REQ_HASH)
 	@rm -f torch_pagedkv/_C*.stamp
 	@if [ "$(PAGEDKV_BUILD_CACHE)" != 0 ] && [ -f $(LIB_CACHE)/.complete ]; then \
 	  echo "reusing the library built from these exact sources ($(LIB_CACHE))"; \
-	  rm -f torch_pagedkv/_C*.so && cp $(LIB_CACHE)/_C* torch_pagedkv/; \
+	  rm -f torch_pagedkv/_C*.so torch_pagedkv/_simt*.so && cp $(LIB_CACHE)/_* torch_pagedkv/; \
 	else \
 	  echo "building torch_pagedkv._C (CUDA: $(PAGEDKV_CUDA), CPU ISA: $(PAGEDKV_CPU_ISA))" && \
 	  $(PY) scripts/quiet_build.py $(PY) setup.py -q build_ext --inplace && \
+	  if [ "$(PAGEDKV_SIMT)" = 0 ]; then rm -f torch_pagedkv/_simt*.so; fi && \
 	  rm -rf $(LIB_CACHE) && mkdir -p $(LIB_CACHE) && cp torch_pagedkv/_C*.so torch_pagedkv/_C.isa torch_pagedkv/_C.torch $(LIB_CACHE)/ && \
+	  if [ "$(PAGEDKV_SIMT)" != 0 ]; then cp torch_pagedkv/_simt*.so $(LIB_CACHE)/; fi && \
 	  touch $(LIB_CACHE)/.complete; \
 	fi
 	@touch $@
 
-run: build
+run:
+	@$(MAKE) --no-print-directory build PAGEDKV_SIMT=0 $(if $(filter 0,$(HAVE_GPU)),PAGEDKV_CUDA=0)
 	.venv/bin/pagedkv demo
 
-test: build
+# The tests build the CUDA kernels (compile-checked here) and their SIMT-emulated twin.
+build-test:
+	@$(MAKE) --no-print-directory build PAGEDKV_SIMT=1
+
+test: build-test
 	$(PY) -m pytest -q tests
 
-bench: build
+bench: build-test
 	set -e; for b in benchmarks/bench_*.py; do m=benchmarks.$$(basename $$b .py); echo "== $$m"; $(PY) -m $$m; done
 
 clean:

@@ -1,7 +1,8 @@
 """Builds torch_pagedkv._C: TORCH_LIBRARY registrations only (no pybind), py_limited_api.
 
 PAGEDKV_CUDA=0|1|auto (default auto): build the CUDA kernels when torch is a CUDA
-build and nvcc is found. PAGEDKV_CPU_ISA=avx2|avx512|native|generic (default avx2, the
+build and nvcc is found. PAGEDKV_SIMT=1 also builds torch_pagedkv._simt, the same CUDA
+kernels run on the CPU by the SIMT emulator (tests; docs/emulation.md). PAGEDKV_CPU_ISA=avx2|avx512|native|generic (default avx2, the
 portable choice for a wheel; `make` picks avx512 on a CPU that has it) sets the ISA of the
 CPU kernels (16-float at::vec vectors with avx512, 8 otherwise); torch_pagedkv checks at
 load time that the CPU has it.
@@ -76,6 +77,32 @@ def extension():
         **common)
 
 
+def simt_extension():
+    """torch_pagedkv._simt: the CUDA kernels and their glue compiled by the host compiler
+    against the SIMT emulator (csrc/simt), registered as torch.ops.pagedkv_simt on CPU
+    tensors: test-only (PAGEDKV_SIMT=1; `make test` builds it). It needs the toolkit's
+    headers (cuda_fp16.h, cuda_bf16.h, cuda_fp8.h, driver_types.h), not a CUDA torch."""
+    cuda_home = cpp_extension.CUDA_HOME or os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    include = os.path.join(cuda_home, "include")
+    if not os.path.exists(os.path.join(include, "cuda_fp8.h")):
+        raise RuntimeError(f"PAGEDKV_SIMT=1 needs the CUDA toolkit's headers; none in {include}")
+    cxx = ["-O2", "-g0", "-fvisibility=hidden", "-fvisibility-inlines-hidden",
+           "-Wno-unknown-pragmas", "-Wno-class-memaccess", "-Wno-maybe-uninitialized",
+           "-DPAGEDKV_SIMT", "-DPAGEDKV_OPS_NS=pagedkv_simt", "-DPAGEDKV_DEVICE_KEY=CPU"]
+    return cpp_extension.CppExtension(
+        name="torch_pagedkv._simt",
+        sources=sources("csrc/simt/*.cpp"),
+        # The emulator's cuda_runtime.h first, so it stands in for the toolkit's.
+        include_dirs=[os.path.join(ROOT, "csrc", "simt", "include"), os.path.join(ROOT, "csrc"),
+                      include],
+        extra_compile_args={"cxx": cxx},
+        py_limited_api=True)
+
+
+def want_simt() -> bool:
+    return os.environ.get("PAGEDKV_SIMT", "0").lower() in ("1", "true", "yes")
+
+
 class BuildExt(cpp_extension.BuildExtension.with_options(use_ninja=True)):
     """Writes _C.isa and _C.torch beside the built library (in the tree with --inplace, in
     the wheel otherwise): torch_pagedkv reads them at import to refuse a build that this
@@ -94,7 +121,7 @@ class BuildExt(cpp_extension.BuildExtension.with_options(use_ninja=True)):
 
 setup(
     install_requires=[torch_requirement(), "numpy", "tqdm"],
-    ext_modules=[extension()],
+    ext_modules=[extension()] + ([simt_extension()] if want_simt() else []),
     cmdclass={"build_ext": BuildExt},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

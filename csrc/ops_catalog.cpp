@@ -5,7 +5,9 @@
 // TORCH_LIBRARY_FRAGMENT blocks in private_ops.cpp and cuda/private_ops.cpp define them.
 #include <torch/library.h>
 
-TORCH_LIBRARY(pagedkv, m) {
+#include "ops_namespace.h"
+
+TORCH_LIBRARY(PAGEDKV_OPS_NS, m) {
   // Write the new tokens' K/V into the paged cache at slot_mapping (negative slot = skip).
   // fp8 caches store round_to_fp8(x / scale), saturated.
   m.def(

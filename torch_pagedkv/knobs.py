@@ -58,6 +58,10 @@ from . import _load  # noqa: F401  (defines torch.ops.pagedkv._set_knob)
 
 KNOBS = ("generic_kernels", "attention_path", "debug", "decode_splits")
 
+# Every library whose kernels read the knobs: the main one, and the SIMT-emulated CUDA
+# kernels once torch_pagedkv.emulation has loaded them (each keeps its own copy).
+_SETTERS = [torch.ops.pagedkv._set_knob]
+
 
 def set_knob(name: str, value: bool | str) -> str:
     """Sets a kernel knob (a bool for a flag, a string otherwise) and returns its
@@ -65,7 +69,10 @@ def set_knob(name: str, value: bool | str) -> str:
     name or value."""
     if isinstance(value, bool):
         value = "1" if value else "0"
-    return torch.ops.pagedkv._set_knob(name, value)
+    previous = _SETTERS[0](name, value)
+    for other in _SETTERS[1:]:
+        other(name, value)
+    return previous
 
 
 @contextlib.contextmanager

@@ -5,14 +5,12 @@
 // reads metadata values, so the ops are capturable by CUDA graphs.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include <limits>
 
 #include "checks.h"
 #include "knobs.h"
+#include "cuda/device.h"
 #include "cuda/launch_config.h"
 #include "cuda/ops_cuda.h"
 
@@ -113,14 +111,14 @@ void run_attention(const char* op, const AttentionDims& d, const at::Tensor& que
   p.num_blocks = int(d.cache.num_blocks);
   p.max_blocks_per_seq = int(d.max_blocks_per_seq);
 
-  const LaunchConfig cfg = config_for_device(key_cache.device().index(), p.head_size,
+  const LaunchConfig cfg = config_for_device(device_index(key_cache.device()), p.head_size,
                                              dtype_of(key_cache.scalar_type()), p.block_size);
   const bool generic = generic_kernels_forced();
   const int group = p.num_heads / p.num_kv_heads;
   const int64_t head_chunks = (group + heads_per_cta(group) - 1) / heads_per_cta(group);
   TORCH_CHECK(p.num_kv_heads * head_chunks <= 65535, op, ": too many kv heads (",
               p.num_kv_heads, ") for the grid");
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  cudaStream_t stream = current_stream();
   cudaError_t err = cudaSuccess;
 
   const Route r = route(d.num_q_tokens, d.num_seqs);
@@ -134,10 +132,10 @@ void run_attention(const char* op, const AttentionDims& d, const at::Tensor& que
     with_dtypes(query.scalar_type(), key_cache.scalar_type(), [&](auto q, auto c) {
       err = launch_prefill<decltype(q), decltype(c)>(p, cfg, generic, stream);
     });
-    C10_CUDA_CHECK(err);
+    PAGEDKV_CUDA_CHECK(err);
   }
   if (r != Route::kPrefill) {
-    const DecodePlan plan = decode_plan(p, cfg.partition_size, sm_count(key_cache.device().index()),
+    const DecodePlan plan = decode_plan(p, cfg.partition_size, sm_count(device_index(key_cache.device())),
                                         decode_splits_cap());
     DecodeScratch s{nullptr, nullptr, nullptr};
     at::Tensor scratch;  // bounded by decode_plan; from the caching allocator (graph pool)
@@ -152,7 +150,7 @@ void run_attention(const char* op, const AttentionDims& d, const at::Tensor& que
       err = launch_decode<decltype(q), decltype(c)>(p, s, plan, cfg, generic, stream);
     });
   }
-  C10_CUDA_CHECK(err);
+  PAGEDKV_CUDA_CHECK(err);
 }
 
 }  // namespace
@@ -168,9 +166,9 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
   const AttentionDims d = validate_paged_attention(op, query, key_cache, value_cache,
                                                    block_table, seq_lens, query_start_loc,
                                                    alibi_slopes, k_scale, v_scale);
-  TORCH_CHECK(key_cache.is_cuda(), op, ": the CUDA kernel needs key_cache on a CUDA device, got ",
-              key_cache.device());
-  const c10::cuda::CUDAGuard guard(key_cache.device());
+  TORCH_CHECK(on_device(key_cache), op, ": the CUDA kernel needs key_cache on ", kDeviceWord,
+              ", got ", key_cache.device());
+  const DeviceGuard guard(key_cache.device());
   if (debug_range_checks()) {
     check_attention_ranges(op, block_table.cpu(), seq_lens.cpu(), query_start_loc.cpu(), d);
   }
@@ -193,9 +191,9 @@ std::tuple<at::Tensor, at::Tensor> paged_attention_lse(
   const AttentionDims d = validate_paged_attention_lse(
       query, key_cache, value_cache, block_table, seq_lens, query_start_loc, alibi_slopes,
       sliding_window, k_scale, v_scale, causal);
-  TORCH_CHECK(key_cache.is_cuda(), op, ": the CUDA kernel needs key_cache on a CUDA device, got ",
-              key_cache.device());
-  const c10::cuda::CUDAGuard guard(key_cache.device());
+  TORCH_CHECK(on_device(key_cache), op, ": the CUDA kernel needs key_cache on ", kDeviceWord,
+              ", got ", key_cache.device());
+  const DeviceGuard guard(key_cache.device());
   if (debug_range_checks()) {
     check_attention_ranges(op, block_table.cpu(), seq_lens.cpu(), query_start_loc.cpu(), d,
                            causal);
@@ -214,9 +212,9 @@ std::tuple<at::Tensor, at::Tensor> merge_attn_states(const at::Tensor& out_a,
                                                      const at::Tensor& lse_b) {
   const char* op = "merge_attn_states";
   const MergeDims d = validate_merge_attn_states(out_a, lse_a, out_b, lse_b);
-  TORCH_CHECK(out_a.is_cuda(), op, ": the CUDA kernel needs out_a on a CUDA device, got ",
+  TORCH_CHECK(on_device(out_a), op, ": the CUDA kernel needs out_a on ", kDeviceWord, ", got ",
               out_a.device());
-  const c10::cuda::CUDAGuard guard(out_a.device());
+  const DeviceGuard guard(out_a.device());
   const at::Tensor oa = out_a.contiguous(), ob = out_b.contiguous();
   const at::Tensor la = lse_a.contiguous(), lb = lse_b.contiguous();
   at::Tensor out = at::empty({d.num_tokens, d.num_heads, d.head_size}, oa.options());
@@ -225,9 +223,8 @@ std::tuple<at::Tensor, at::Tensor> merge_attn_states(const at::Tensor& out_a,
                       out.data_ptr(), lse.data_ptr<float>(), d.num_tokens * d.num_heads,
                       d.head_size};
   if (p.rows == 0) return {out, lse};
-  C10_CUDA_CHECK(launch_merge_attn_states(p, dtype_of(oa.scalar_type()),
-                                          dtype_of(ob.scalar_type()),
-                                          c10::cuda::getCurrentCUDAStream().stream()));
+  PAGEDKV_CUDA_CHECK(launch_merge_attn_states(p, dtype_of(oa.scalar_type()),
+                                              dtype_of(ob.scalar_type()), current_stream()));
   return {out, lse};
 }
 

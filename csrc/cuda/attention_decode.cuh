@@ -120,7 +120,7 @@ __global__ void __launch_bounds__(256)
   if (split >= active) return;  // uniform over the CTA: no barrier is skipped
   const bool single = active == 1;
 
-  extern __shared__ float smem[];
+  PAGEDKV_DYNAMIC_SMEM(float, smem);
   float* logits = smem;                // [hp][P] scores, then probabilities
   float* o_s = logits + hp * P;        // [hp][D] running sum of p * v (rescaled as m grows)
   float* q_s = o_s + hp * D;           // [hp][D] query * scale (* k_scale for fp8)
@@ -393,13 +393,13 @@ cudaError_t decode_launch_impl(const AttentionParams& p, const DecodeScratch& s,
   if (plan.rows == 0) return cudaSuccess;
   const dim3 grid(unsigned(plan.rows), unsigned(p.num_kv_heads * head_chunks),
                   unsigned(plan.splits));
-  kernel<<<grid, cfg.decode_threads, smem, stream>>>(p, s, hp, P, log2_if_pow2(p.block_size));
-  if (plan.splits > 1) {
-    const int threads = (p.head_size / 8 + 31) / 32 * 32;
-    const dim3 reduce_grid(unsigned(plan.rows), unsigned(p.num_heads));
-    decode_reduce_kernel<Q><<<reduce_grid, threads, 0, stream>>>(p, s, P, int(plan.splits));
-  }
-  return cudaGetLastError();
+  e = launch_kernel("decode_kernel", kernel, grid, dim3(cfg.decode_threads), smem, stream, p, s,
+                    hp, P, log2_if_pow2(p.block_size));
+  if (e != cudaSuccess || plan.splits <= 1) return e;
+  const int threads = (p.head_size / 8 + 31) / 32 * 32;
+  const dim3 reduce_grid(unsigned(plan.rows), unsigned(p.num_heads));
+  return launch_kernel("decode_reduce_kernel", decode_reduce_kernel<Q>, reduce_grid,
+                       dim3(threads), 0, stream, p, s, P, int(plan.splits));
 }
 
 template <typename Q, typename C>

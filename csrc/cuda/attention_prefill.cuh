@@ -81,7 +81,7 @@ __global__ void __launch_bounds__(256)
   // Keys up to the tile's last row, or (causal=False) the whole sequence.
   const int64_t k_hi = min(causal ? p_last + 1 : seq_len, max_ctx);
 
-  extern __shared__ float smem[];
+  PAGEDKV_DYNAMIC_SMEM(float, smem);
   float* Qs = smem;             // [QV][DP] query * scale * k_scale
   float* Ks = Qs + QV * DP;     // [KT][DP] key tile (float32)
   float* Vs = Ks + KT * DP;     // [KT][DP] value tile
@@ -276,8 +276,8 @@ cudaError_t prefill_launch_impl(const AttentionParams& p, const LaunchConfig& cf
   const int64_t tiles = int64_t(p.num_q_tokens) / tr + p.num_seqs;
   if (tiles == 0) return cudaSuccess;
   const dim3 grid(unsigned(tiles), unsigned(p.num_kv_heads * head_chunks));
-  kernel<<<grid, cfg.prefill_threads, smem, stream>>>(p, hp, tr, log2_if_pow2(p.block_size));
-  return cudaGetLastError();
+  return launch_kernel("prefill_kernel", kernel, grid, dim3(cfg.prefill_threads), smem, stream, p,
+                       hp, tr, log2_if_pow2(p.block_size));
 }
 
 template <typename Q, typename C>

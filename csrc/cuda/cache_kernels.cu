@@ -79,14 +79,15 @@ __global__ void __launch_bounds__(512)
 
 bool aligned(const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
+using WriteKernel = void (*)(const WriteParams, int);
+
 template <typename IT, typename CT>
-const void* write_kernel(bool vec) {
-  return vec ? reinterpret_cast<const void*>(reshape_and_cache_kernel<IT, CT, true>)
-             : reinterpret_cast<const void*>(reshape_and_cache_kernel<IT, CT, false>);
+WriteKernel write_kernel(bool vec) {
+  return vec ? reshape_and_cache_kernel<IT, CT, true> : reshape_and_cache_kernel<IT, CT, false>;
 }
 
 // The kernel for (input, cache) dtypes, or nullptr for an unsupported pair.
-const void* pick_write_kernel(DType in, DType cache, bool vec) {
+WriteKernel pick_write_kernel(DType in, DType cache, bool vec) {
   switch (cache) {
     case DType::kFloat32: return in == cache ? write_kernel<F32, F32>(vec) : nullptr;
     case DType::kFloat16: return in == cache ? write_kernel<F16, F16>(vec) : nullptr;
@@ -166,22 +167,21 @@ cudaError_t launch_reshape_and_cache(const WriteParams& p, DType input, DType ca
                    (p.key_stride_tok * ib) % in_align == 0 &&
                    (p.value_stride_tok * ib) % in_align == 0 &&
                    aligned(p.key_cache, out_align) && aligned(p.value_cache, out_align);
-  const void* fn = pick_write_kernel(input, cache, vec);
+  const WriteKernel fn = pick_write_kernel(input, cache, vec);
   if (fn == nullptr) return cudaErrorInvalidValue;
   const int64_t chunks = p.row_elems / 8;
   const int tokens_per_cta = int(threads / chunks > 0 ? threads / chunks : 1);
   const int64_t blocks = (p.num_tokens + tokens_per_cta - 1) / tokens_per_cta;
-  WriteParams args = p;
-  void* kargs[] = {&args, const_cast<int*>(&tokens_per_cta)};
-  return cudaLaunchKernel(fn, dim3(unsigned(blocks)), dim3(threads), kargs, 0, stream);
+  return launch_kernel("reshape_and_cache_kernel", fn, dim3(unsigned(blocks)), dim3(threads), 0,
+                       stream, p, tokens_per_cta);
 }
 
 cudaError_t launch_copy_blocks(const CopyLayers& layers, const int64_t* block_mapping,
                                int64_t num_pairs, cudaStream_t stream) {
   if (num_pairs == 0 || layers.num_layers == 0) return cudaSuccess;
-  copy_blocks_kernel<<<dim3(unsigned(num_pairs), unsigned(layers.num_layers), 2), kCopyThreads, 0,
-                       stream>>>(layers, block_mapping);
-  return cudaGetLastError();
+  return launch_kernel("copy_blocks_kernel", copy_blocks_kernel,
+                       dim3(unsigned(num_pairs), unsigned(layers.num_layers), 2),
+                       dim3(kCopyThreads), 0, stream, layers, block_mapping);
 }
 
 cudaError_t launch_swap_blocks(const char* src, char* dst, int64_t src_blocks,
@@ -189,13 +189,13 @@ cudaError_t launch_swap_blocks(const char* src, char* dst, int64_t src_blocks,
                                const int64_t* block_mapping, int64_t num_pairs,
                                cudaStream_t stream) {
   if (num_pairs == 0) return cudaSuccess;
-  swap_blocks_kernel<<<unsigned(num_pairs), kCopyThreads, 0, stream>>>(
-      src, dst, src_blocks, dst_blocks, block_bytes, block_mapping);
-  return cudaGetLastError();
+  return launch_kernel("swap_blocks_kernel", swap_blocks_kernel, dim3(unsigned(num_pairs)),
+                       dim3(kCopyThreads), 0, stream, src, dst, src_blocks, dst_blocks,
+                       block_bytes, block_mapping);
 }
 
 cudaError_t cache_kernel_info(int which, DType input, DType cache, int threads, KernelInfo* info) {
-  const void* fn = which == 0   ? pick_write_kernel(input, cache, true)
+  const void* fn = which == 0   ? reinterpret_cast<const void*>(pick_write_kernel(input, cache, true))
                    : which == 1 ? reinterpret_cast<const void*>(copy_blocks_kernel)
                                 : reinterpret_cast<const void*>(swap_blocks_kernel);
   if (fn == nullptr) return cudaErrorInvalidValue;

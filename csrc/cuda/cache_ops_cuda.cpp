@@ -5,15 +5,12 @@
 // ops never synchronize and are capturable. A host-resident block mapping is free to
 // read on the host: it is range-checked there before anything is copied.
 #include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGraphsC10Utils.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
 
 #include "checks.h"
 #include "knobs.h"
+#include "cuda/device.h"
 #include "cuda/launch_config.h"
 #include "cuda/ops_cuda.h"
 
@@ -43,8 +40,7 @@ bool debug_range_checks() {
   // Range checks copy index tensors to the host (a synchronization), which a capturing
   // stream forbids: during capture they are skipped and the kernels' own bounds checks
   // (skip, never read out of range) remain.
-  return debug_checks_enabled() &&
-         c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None;
+  return debug_checks_enabled() && !capturing();
 }
 
 void check_aligned(const char* op, const char* name, const at::Tensor& t, int64_t bytes) {
@@ -88,9 +84,8 @@ char* device_view_of_pinned(const char* op, const char* name, const at::Tensor& 
 // copies, except while capturing a graph (which cannot wait; the replaying caller
 // synchronizes). A swap into GPU memory never waits: later kernels on the stream see it.
 void finish_cpu_write(const at::Tensor& dst, cudaStream_t stream) {
-  if (dst.is_cpu() &&
-      c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) {
-    C10_CUDA_CHECK(cudaStreamSynchronize(stream));
+  if (in_host_memory(dst) && !capturing()) {
+    PAGEDKV_CUDA_CHECK(cudaStreamSynchronize(stream));
   }
 }
 
@@ -103,9 +98,9 @@ void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tenso
   const char* op = "reshape_and_cache";
   const WriteDims d = validate_reshape_and_cache(key, value, key_cache, value_cache,
                                                  slot_mapping, k_scale, v_scale);
-  TORCH_CHECK(key_cache.is_cuda(), op, ": the CUDA kernel needs key_cache on a CUDA device, got ",
-              key_cache.device());
-  const c10::cuda::CUDAGuard guard(key_cache.device());
+  TORCH_CHECK(on_device(key_cache), op, ": the CUDA kernel needs key_cache on ", kDeviceWord,
+              ", got ", key_cache.device());
+  const DeviceGuard guard(key_cache.device());
   const int64_t num_slots = d.cache.num_blocks * d.cache.block_size;
   if (debug_range_checks()) check_slot_ranges(slot_mapping.cpu(), num_slots);
   if (d.num_tokens == 0) return;
@@ -127,11 +122,11 @@ void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tenso
   p.row_elems = d.cache.num_kv_heads * d.cache.head_size;
 
   const LaunchConfig cfg =
-      config_for_device(key_cache.device().index(), int(d.cache.head_size),
+      config_for_device(device_index(key_cache.device()), int(d.cache.head_size),
                         dtype_of(key_cache.scalar_type()), int(d.cache.block_size));
-  C10_CUDA_CHECK(launch_reshape_and_cache(p, dtype_of(key.scalar_type()),
-                                          dtype_of(key_cache.scalar_type()), cfg.write_threads,
-                                          c10::cuda::getCurrentCUDAStream().stream()));
+  PAGEDKV_CUDA_CHECK(launch_reshape_and_cache(p, dtype_of(key.scalar_type()),
+                                              dtype_of(key_cache.scalar_type()),
+                                              cfg.write_threads, current_stream()));
 }
 
 void copy_blocks(at::TensorList key_caches, at::TensorList value_caches,
@@ -140,13 +135,13 @@ void copy_blocks(at::TensorList key_caches, at::TensorList value_caches,
   const int64_t n = validate_copy_blocks(key_caches, value_caches, block_mapping);
   if (key_caches.empty()) return;
   const at::Device device = key_caches[0].device();
-  TORCH_CHECK(device.is_cuda(), op, ": the CUDA kernel needs the caches on a CUDA device, got ",
-              device);
-  TORCH_CHECK(block_mapping.is_cpu() || block_mapping.device() == device, op,
+  TORCH_CHECK(on_device(key_caches[0]), op, ": the CUDA kernel needs the caches on ", kDeviceWord,
+              ", got ", device);
+  TORCH_CHECK(in_host_memory(block_mapping) || block_mapping.device() == device, op,
               ": block_mapping must be on the CPU or on ", device, ", got ",
               block_mapping.device());
-  const c10::cuda::CUDAGuard guard(device);
-  if (block_mapping.is_cpu() || debug_range_checks()) {
+  const DeviceGuard guard(device);
+  if (in_host_memory(block_mapping) || debug_range_checks()) {
     const at::Tensor host = block_mapping.cpu();
     for (size_t l = 0; l < key_caches.size(); ++l)
       check_block_mapping_ranges(op, host, key_caches[l].size(0), key_caches[l].size(0),
@@ -154,7 +149,7 @@ void copy_blocks(at::TensorList key_caches, at::TensorList value_caches,
   }
   if (n == 0) return;
   const at::Tensor mapping = mapping_on(block_mapping, device);
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  cudaStream_t stream = current_stream();
   // The layers' pointers go to the kernel as a by-value parameter, kMaxCopyLayers per
   // launch (one launch for any common model): no pointer tensor is built, copied to the
   // device or cached, and a captured graph holds the pointers in its kernel node.
@@ -167,27 +162,27 @@ void copy_blocks(at::TensorList key_caches, at::TensorList value_caches,
       layers.layer[i] = CopyLayer{static_cast<char*>(k.data_ptr()), static_cast<char*>(v.data_ptr()),
                                   k.size(0), block_bytes_of(k)};
     }
-    C10_CUDA_CHECK(launch_copy_blocks(layers, mapping.data_ptr<int64_t>(), n, stream));
+    PAGEDKV_CUDA_CHECK(launch_copy_blocks(layers, mapping.data_ptr<int64_t>(), n, stream));
   }
 }
 
 void swap_blocks(const at::Tensor& src, at::Tensor& dst, const at::Tensor& block_mapping) {
   const char* op = "swap_blocks";
   const int64_t n = validate_swap_blocks(src, dst, block_mapping);
-  TORCH_CHECK(src.is_cuda() || dst.is_cuda(), op, ": the CUDA kernel needs src or dst on a CUDA "
-              "device, got src on ", src.device(), " and dst on ", dst.device(),
+  TORCH_CHECK(on_device(src) || on_device(dst), op, ": the CUDA kernel needs src or dst on ",
+              kDeviceWord, ", got src on ", src.device(), " and dst on ", dst.device(),
               " (pass block_mapping on the CPU to copy between CPU tensors)");
-  TORCH_CHECK(!(src.is_cuda() && dst.is_cuda()) || src.device() == dst.device(), op,
+  TORCH_CHECK(!(on_device(src) && on_device(dst)) || src.device() == dst.device(), op,
               ": src and dst on different GPUs are not supported, got ", src.device(), " and ",
               dst.device());
-  TORCH_CHECK((src.is_cuda() || src.is_cpu()) && (dst.is_cuda() || dst.is_cpu()), op,
+  TORCH_CHECK((on_device(src) || src.is_cpu()) && (on_device(dst) || dst.is_cpu()), op,
               ": src and dst must be on CUDA or the CPU, got ", src.device(), " and ", dst.device());
-  const at::Device device = dst.is_cuda() ? dst.device() : src.device();
-  const c10::cuda::CUDAGuard guard(device);
+  const at::Device device = on_device(dst) ? dst.device() : src.device();
+  const DeviceGuard guard(device);
   const int64_t bytes = block_bytes_of(src);
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  cudaStream_t stream = current_stream();
 
-  if (block_mapping.is_cpu()) {
+  if (in_host_memory(block_mapping)) {
     // The mapping is host data: check it, then one cudaMemcpyAsync per run of consecutive
     // pairs (DMA engines, any direction, pinned or pageable host memory).
     const at::Tensor m = block_mapping.contiguous();
@@ -202,7 +197,7 @@ void swap_blocks(const at::Tensor& src, at::Tensor& dst, const at::Tensor& block
       while (i + run < n && pairs[2 * (i + run)] == pairs[2 * i] + run &&
              pairs[2 * (i + run) + 1] == pairs[2 * i + 1] + run)
         ++run;
-      C10_CUDA_CHECK(cudaMemcpyAsync(dp + pairs[2 * i + 1] * bytes, s + pairs[2 * i] * bytes,
+      PAGEDKV_CUDA_CHECK(cudaMemcpyAsync(dp + pairs[2 * i + 1] * bytes, s + pairs[2 * i] * bytes,
                                      size_t(run * bytes), cudaMemcpyDefault, stream));
       i += run;
     }
@@ -218,12 +213,12 @@ void swap_blocks(const at::Tensor& src, at::Tensor& dst, const at::Tensor& block
   if (n == 0 || bytes == 0) return;
   // Device mapping: a copy kernel reads it (no host round trip, capturable); a CPU side
   // is reached through its pinned, mapped host memory.
-  const char* s = src.is_cuda() ? static_cast<const char*>(src.data_ptr())
+  const char* s = on_device(src) ? static_cast<const char*>(src.data_ptr())
                                 : device_view_of_pinned(op, "src", src);
-  char* dp = dst.is_cuda() ? static_cast<char*>(dst.data_ptr())
+  char* dp = on_device(dst) ? static_cast<char*>(dst.data_ptr())
                            : device_view_of_pinned(op, "dst", dst);
   const at::Tensor m = block_mapping.contiguous();
-  C10_CUDA_CHECK(launch_swap_blocks(s, dp, src.size(0), dst.size(0), bytes,
+  PAGEDKV_CUDA_CHECK(launch_swap_blocks(s, dp, src.size(0), dst.size(0), bytes,
                                     m.data_ptr<int64_t>(), n, stream));
   finish_cpu_write(dst, stream);
 }

@@ -14,6 +14,7 @@
 #include <utility>
 
 #include "cuda/kernels.h"
+#include "cuda/launch.cuh"
 
 namespace pagedkv::cuda {
 

@@ -13,6 +13,8 @@
 #include <tuple>
 #include <vector>
 
+#include "ops_namespace.h"
+
 namespace pagedkv::cuda {
 
 // ---------------------------------------------------------------------------------------
@@ -161,7 +163,7 @@ void install_once() {
   if (done.load(std::memory_order_acquire) || installing) return;
   std::lock_guard<std::mutex> lock(mu);
   if (done.load(std::memory_order_relaxed)) return;
-  auto op = c10::Dispatcher::singleton().findSchema({"pagedkv::_install_launch_configs", ""});
+  auto op = c10::Dispatcher::singleton().findSchema({PAGEDKV_OPS_NS_STR "::_install_launch_configs", ""});
   if (op.has_value() && op->hasKernelForDispatchKey(c10::DispatchKey::CompositeExplicitAutograd)) {
     installing = true;
     struct Reset {

@@ -38,8 +38,8 @@ cudaError_t launch(const MergeParams& p, cudaStream_t stream) {
   const int64_t n = p.rows * p.head_size;
   const int64_t blocks = (n + kThreads - 1) / kThreads;
   const unsigned grid = unsigned(blocks < 65535 * 32 ? blocks : 65535 * 32);
-  merge_kernel<AT, BT><<<grid, kThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel("merge_kernel", merge_kernel<AT, BT>, dim3(grid), dim3(kThreads), 0, stream,
+                       p);
 }
 
 template <typename AT>

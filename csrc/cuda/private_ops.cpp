@@ -1,15 +1,14 @@
 // The private ops of CUDA builds (torch_pagedkv/tuning): they fill the launch-config
 // table, read it back and report occupancy. Not part of the public catalog
 // (ops_catalog.cpp): a CPU-only build does not have them at all.
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAFunctions.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <string>
 #include <vector>
 
 #include "knobs.h"
+#include "ops_namespace.h"
+#include "cuda/device.h"
 #include "cuda/launch_config.h"
 #include "cuda/ops_cuda.h"
 
@@ -61,9 +60,9 @@ std::vector<int64_t> occupancy(const std::string& kernel, const std::string& que
               ": num_heads must be a multiple of num_kv_heads");
   TORCH_CHECK(head_size >= 8 && head_size <= 512 && head_size % 8 == 0, op,
               ": head_size must be a multiple of 8 in [8, 512], got ", head_size);
-  TORCH_CHECK(c10::cuda::device_count() > 0, op, ": no CUDA device");
-  const int device = c10::cuda::current_device();
-  const c10::cuda::CUDAGuard guard(c10::Device(c10::DeviceType::CUDA, device));
+  TORCH_CHECK(device_count() > 0, op, ": no CUDA device");
+  const int device = current_device();
+  const DeviceGuard guard(c10::Device(c10::DeviceType::CUDA, device));
   const int hp = heads_per_cta(int(num_heads / num_kv_heads));
   const bool generic = generic_kernels_forced();
   KernelInfo info{};
@@ -110,9 +109,9 @@ std::vector<int64_t> occupancy(const std::string& kernel, const std::string& que
     TORCH_CHECK(false, op, ": kernel must be one of decode, decode_reduce, prefill, "
                 "reshape_and_cache, copy_blocks, swap_blocks, got '", kernel, "'");
   }
-  C10_CUDA_CHECK(err);
+  PAGEDKV_CUDA_CHECK(err);
   cudaDeviceProp prop{};
-  C10_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+  PAGEDKV_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
   return {info.max_active_blocks_per_sm, info.num_regs, info.local_bytes,
           info.static_smem_bytes, info.dynamic_smem_bytes, info.max_threads_per_block,
           prop.maxThreadsPerMultiProcessor, prop.multiProcessorCount};
@@ -146,7 +145,7 @@ std::vector<int64_t> decode_plan_for(int64_t num_q_tokens, int64_t num_seqs, int
 }  // namespace
 }  // namespace pagedkv::cuda
 
-TORCH_LIBRARY_FRAGMENT(pagedkv, m) {
+TORCH_LIBRARY_FRAGMENT(PAGEDKV_OPS_NS, m) {
   // Set one launch-config entry for a GPU name (torch_pagedkv/tuning/table.py).
   m.def(
       "_set_launch_config(str device_name, int head_size, str dtype, int block_size, "
@@ -171,7 +170,7 @@ TORCH_LIBRARY_FRAGMENT(pagedkv, m) {
 
 // The private ops take no tensors, so the dispatcher has no backend key for them: a
 // CompositeExplicitAutograd kernel is what it calls.
-TORCH_LIBRARY_IMPL(pagedkv, CompositeExplicitAutograd, m) {
+TORCH_LIBRARY_IMPL(PAGEDKV_OPS_NS, CompositeExplicitAutograd, m) {
   m.impl("_set_launch_config", &pagedkv::cuda::set_launch_config);
   m.impl("_clear_launch_configs", &pagedkv::cuda::clear_launch_configs);
   m.impl("_launch_config", &pagedkv::cuda::launch_config);

@@ -5,9 +5,15 @@
 // the CPU kernel.
 #include <torch/library.h>
 
+#include "ops_namespace.h"
 #include "cuda/ops_cuda.h"
 
-TORCH_LIBRARY_IMPL(pagedkv, CUDA, m) {
+// The dispatch key: CUDA, or CPU for the SIMT-emulated library (its device is the CPU).
+#ifndef PAGEDKV_DEVICE_KEY
+#define PAGEDKV_DEVICE_KEY CUDA
+#endif
+
+TORCH_LIBRARY_IMPL(PAGEDKV_OPS_NS, PAGEDKV_DEVICE_KEY, m) {
   m.impl("reshape_and_cache", &pagedkv::cuda::reshape_and_cache);
   m.impl("paged_attention", &pagedkv::cuda::paged_attention);
   m.impl("paged_attention_lse", &pagedkv::cuda::paged_attention_lse);

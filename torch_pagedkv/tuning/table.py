@@ -151,13 +151,16 @@ def merge(old: list[Entry], new: list[Entry]) -> list[Entry]:
     return list(by_key.values())
 
 
-def apply(entries: list[Entry]) -> int:
-    """Hands the entries to the CUDA kernels; returns how many (0 without CUDA kernels)."""
-    if not HAS_CUDA_KERNELS:
-        return 0
+def apply(entries: list[Entry], ops=None) -> int:
+    """Hands the entries to the CUDA kernels (`ops`: torch.ops.pagedkv, or the emulated
+    kernels' torch.ops.pagedkv_simt); returns how many (0 without CUDA kernels)."""
+    if ops is None:
+        if not HAS_CUDA_KERNELS:
+            return 0
+        ops = torch.ops.pagedkv
     for e in entries:
         c = e.config
-        torch.ops.pagedkv._set_launch_config(e.gpu, e.head_size, e.dtype, e.block_size,
+        ops._set_launch_config(e.gpu, e.head_size, e.dtype, e.block_size,
                                              c.decode_threads, c.partition_size,
                                              c.prefill_threads, c.write_threads)
     return len(entries)
@@ -177,7 +180,7 @@ def heuristic(head_size: int, dtype: str, block_size: int) -> LaunchConfig:
     return lookup("<no gpu: heuristic>", head_size, dtype, block_size)[0]
 
 
-def install() -> int:
+def install(ops=None) -> int:
     """Loads the shipped table and $PAGEDKV_LAUNCH_CONFIGS and applies them (the C++ table
     calls it once, at its first use; tests call it again to restore the table). A broken
     shipped table is a bug and raises; a broken user file is skipped with a warning so
@@ -189,4 +192,4 @@ def install() -> int:
             entries = merge(entries, load(user))
         except (OSError, TableError) as e:
             warnings.warn(f"{ENV_PATH}={user} ignored: {e}", stacklevel=2)
-    return apply(entries)
+    return apply(entries, ops)

@@ -1,0 +1,2 @@
+// The CUDA glue file compiled for the SIMT emulator (setup.py).
+#include "cuda/cache_ops_cuda.cpp"

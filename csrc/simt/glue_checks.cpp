@@ -1,0 +1,2 @@
+// The argument checks, for the SIMT-emulated library.
+#include "checks.cpp"

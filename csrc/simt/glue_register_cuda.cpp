@@ -1,0 +1,2 @@
+// The CUDA glue file compiled for the SIMT emulator (setup.py).
+#include "cuda/register_cuda.cpp"
