@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import _load, knobs
+from . import _load, knobs, ops
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 ORDERS = ("random", "forward", "reverse")
@@ -51,6 +51,8 @@ def _load_library() -> None:
     lib = torch.library.Library("pagedkv_simt", "IMPL")
     lib.impl("_install_launch_configs", _install_launch_configs, "CompositeExplicitAutograd")
     globals()["_LIB"] = lib
+    for name, fake in ops.FAKES.items():  # the same schemas: the same fake implementations
+        torch.library.register_fake(f"pagedkv_simt::{name}", fake, lib=lib)
     _sync_knobs()
 
 

@@ -13,6 +13,17 @@ from . import _load  # noqa: F401  (registers torch.ops.pagedkv)
 
 _ops = torch.ops.pagedkv
 
+# The fake implementations by op name: torch_pagedkv.emulation registers them for its own
+# namespace too (the emulated ops have the same schemas).
+FAKES: dict = {}
+
+
+def _register_fake(name: str):
+    def register(fn):
+        FAKES[name] = fn
+        return torch.library.register_fake(f"pagedkv::{name}")(fn)
+    return register
+
 
 def reshape_and_cache(key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor,
                       slot_mapping: Tensor, k_scale: Optional[Tensor] = None,
@@ -22,7 +33,7 @@ def reshape_and_cache(key: Tensor, value: Tensor, key_cache: Tensor, value_cache
     _ops.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
 
 
-@torch.library.register_fake("pagedkv::reshape_and_cache")
+@_register_fake("reshape_and_cache")
 def _(key, value, key_cache, value_cache, slot_mapping, k_scale=None, v_scale=None):
     torch._check(key.dim() == 3 and key_cache.dim() == 4,
                  lambda: "reshape_and_cache: key must be 3-D and key_cache 4-D")
@@ -43,7 +54,7 @@ def paged_attention(query: Tensor, key_cache: Tensor, value_cache: Tensor, block
                                 k_scale, v_scale)
 
 
-@torch.library.register_fake("pagedkv::paged_attention")
+@_register_fake("paged_attention")
 def _(query, key_cache, value_cache, block_table, seq_lens, query_start_loc, scale,
       alibi_slopes=None, sliding_window=-1, softcap=0.0, k_scale=None, v_scale=None):
     torch._check(query.dim() == 3, lambda: "paged_attention: query must be 3-D")
@@ -68,7 +79,7 @@ def paged_attention_lse(query: Tensor, key_cache: Tensor, value_cache: Tensor,
                                     softcap, k_scale, v_scale, causal)
 
 
-@torch.library.register_fake("pagedkv::paged_attention_lse")
+@_register_fake("paged_attention_lse")
 def _(query, key_cache, value_cache, block_table, seq_lens, query_start_loc, scale,
       alibi_slopes=None, sliding_window=-1, softcap=0.0, k_scale=None, v_scale=None,
       causal=True):
@@ -89,7 +100,7 @@ def merge_attn_states(out_a: Tensor, lse_a: Tensor, out_b: Tensor,
     return _ops.merge_attn_states(out_a, lse_a, out_b, lse_b)
 
 
-@torch.library.register_fake("pagedkv::merge_attn_states")
+@_register_fake("merge_attn_states")
 def _(out_a, lse_a, out_b, lse_b):
     torch._check(out_a.dim() == 3 and lse_a.dim() == 2,
                  lambda: "merge_attn_states: out_a must be 3-D and lse_a 2-D")
@@ -105,7 +116,7 @@ def copy_blocks(key_caches: Sequence[Tensor], value_caches: Sequence[Tensor],
     _ops.copy_blocks(list(key_caches), list(value_caches), block_mapping)
 
 
-@torch.library.register_fake("pagedkv::copy_blocks")
+@_register_fake("copy_blocks")
 def _(key_caches, value_caches, block_mapping):
     torch._check(len(key_caches) == len(value_caches),
                  lambda: "copy_blocks: key_caches and value_caches must have as many layers")
@@ -118,6 +129,6 @@ def swap_blocks(src: Tensor, dst: Tensor, block_mapping: Tensor) -> None:
     _ops.swap_blocks(src, dst, block_mapping)
 
 
-@torch.library.register_fake("pagedkv::swap_blocks")
+@_register_fake("swap_blocks")
 def _(src, dst, block_mapping):
     return None
