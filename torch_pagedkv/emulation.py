@@ -32,6 +32,11 @@ ORDERS = ("random", "forward", "reverse")
 
 
 def _library() -> Optional[str]:
+    """$PAGEDKV_SIMT_LIBRARY (another build of it, e.g. scripts/simt_teeth.py's mutants),
+    else the one built in this checkout."""
+    override = os.environ.get("PAGEDKV_SIMT_LIBRARY")
+    if override:
+        return override
     found = sorted(glob.glob(os.path.join(_HERE, "_simt*.so")))
     return found[0] if found else None
 

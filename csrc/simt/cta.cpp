@@ -12,7 +12,7 @@
 //     reverse (control.h), so a missing barrier reads stale shared memory;
 //   - dynamic shared memory is exactly the launch's byte count, ending at an unmapped
 //     page: a read or write past it faults and the fault becomes an error naming the
-//     kernel; writes into the at most 15 bytes of alignment slack are found by a canary
+//     kernel (up to 64 KiB past it); writes into the at most 15 bytes of alignment slack are found by a canary
 //     after each CTA, and every CTA starts with all bytes 0xff (NaN floats), so a read
 //     of memory no thread wrote this CTA shows in the result.
 #include <signal.h>
@@ -70,7 +70,7 @@ struct Cta {
 // jump back from a fault in a guard page.
 thread_local Cta* t_cta = nullptr;
 thread_local FiberStacks* t_stacks = nullptr;
-thread_local char* t_smem_map = nullptr;  // [window | guard page]
+thread_local char* t_smem_map = nullptr;  // [window | guard]
 thread_local size_t t_smem_window = 0;
 thread_local sigjmp_buf t_fault_jump;
 thread_local volatile sig_atomic_t t_fault_armed = 0;
@@ -84,6 +84,8 @@ std::atomic<uint64_t> g_launch_seq{0};
 constexpr size_t kMaxKernelLog = 4096;
 
 size_t page() { return size_t(sysconf(_SC_PAGESIZE)); }
+// Unmapped bytes after the shared-memory window: an index up to 64 KiB past the end faults.
+size_t guard() { return 16 * page(); }
 
 std::string where(const Cta& c, const Thread* t) {
   std::ostringstream s;
@@ -195,7 +197,7 @@ void install_fault_handler() {
 
 bool in_smem_guard(const void* a) {
   const char* p = static_cast<const char*>(a);
-  return t_smem_map && p >= t_smem_map + t_smem_window && p < t_smem_map + t_smem_window + page();
+  return t_smem_map && p >= t_smem_map + t_smem_window && p < t_smem_map + t_smem_window + guard();
 }
 
 void on_fault(int sig, siginfo_t* info, void* ctx) {
@@ -214,17 +216,17 @@ void on_fault(int sig, siginfo_t* info, void* ctx) {
   signal(sig, SIG_DFL);  // returning re-executes the access, which now kills the process
 }
 
-// The shared-memory window of this OS thread, at least `bytes` long, with an unmapped
-// page right after it; the CTA's memory is its last `bytes` bytes (16-byte aligned start).
+// The shared-memory window of this OS thread, at least `bytes` long, with unmapped guard
+// pages right after it; the CTA's memory is its last `bytes` bytes (16-byte aligned start).
 char* smem_for(size_t bytes) {
   const size_t need = (bytes + page() - 1) / page() * page() + page();
   if (need > t_smem_window) {
-    if (t_smem_map) munmap(t_smem_map, t_smem_window + page());
-    void* m = mmap(nullptr, need + page(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (t_smem_map) munmap(t_smem_map, t_smem_window + guard());
+    void* m = mmap(nullptr, need + guard(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (m == MAP_FAILED) return nullptr;
     t_smem_map = static_cast<char*>(m);
     t_smem_window = need;
-    mprotect(t_smem_map + t_smem_window, page(), PROT_NONE);
+    mprotect(t_smem_map + t_smem_window, guard(), PROT_NONE);
   }
   char* end = t_smem_map + t_smem_window;
   return end - ((bytes + 15) / 16 * 16);
