@@ -168,6 +168,7 @@ def test_decode_splits_walking_many_partitions(be, configs, splits, partition_si
     assert_lse_matches(batch, lse_out, lse, torch.float32, True, sliding_window=window)
 
 
+@pytest.mark.simt_sample(2)
 @pytest.mark.parametrize("splits", ["auto", "2"])
 @pytest.mark.parametrize("dtype,cache_dtype", [(torch.bfloat16, None), (torch.float32, None),
                                                (torch.float16, torch.float8_e4m3fn)],

@@ -15,12 +15,12 @@ from paged_inputs import ATOL, FLOAT_DTYPES, FP8_DTYPES, make_batch
 MIXED = [(1, 37), (5, 5), (0, 20), (3, 100), (17, 50), (1, 1)]
 
 
-def check(batch, dtype, atol=None, **kw):
+def check(batch, dtype, atol=None, ops=pk, **kw):
     scale = 1.0 / math.sqrt(batch.query.shape[-1])
     args = batch.attention_args()
     kw.setdefault("k_scale", batch.k_scale)
     kw.setdefault("v_scale", batch.v_scale)
-    out = pk.paged_attention(*args, scale, **kw)
+    out = ops.paged_attention(*args, scale, **kw)
     ref = reference.paged_attention(*[a.cpu() if torch.is_tensor(a) else a for a in args], scale,
                                     **{k: (v.cpu() if torch.is_tensor(v) else v)
                                        for k, v in kw.items()})
@@ -119,14 +119,15 @@ def attention_cases(draw):
     )
 
 
-def check_case(device, case):
-    """One drawn case (attention_cases' keys) against the reference."""
+def check_case(device, case, ops=pk):
+    """One drawn case (attention_cases' keys) against the reference, through `ops`
+    (torch_pagedkv, or torch_pagedkv.emulation for the emulated CUDA kernels)."""
     batch = make_batch(case["seqs"], case["num_heads"], case["num_kv_heads"], case["head_size"],
                        case["block_size"], case["dtype"], case["fp8"], device=device,
                        seed=case["seed"])
     alibi = (torch.rand(case["num_heads"], generator=torch.Generator().manual_seed(case["seed"]))
              .to(device) if case["alibi"] else None)
-    check(batch, case["dtype"], sliding_window=case["window"], softcap=case["softcap"],
+    check(batch, case["dtype"], ops=ops, sliding_window=case["window"], softcap=case["softcap"],
           alibi_slopes=alibi)
 
 

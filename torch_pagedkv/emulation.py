@@ -59,6 +59,10 @@ def _load_library() -> None:
     for name, fake in ops.FAKES.items():  # the same schemas: the same fake implementations
         torch.library.register_fake(f"pagedkv_simt::{name}", fake, lib=lib)
     _sync_knobs()
+    # PAGEDKV_SIMT_ORDER / PAGEDKV_SIMT_SEED: the thread order a process starts with (a
+    # whole test run in forward or reverse order: scripts/simt_teeth.py).
+    configure(os.environ.get("PAGEDKV_SIMT_ORDER", "random"),
+              int(os.environ.get("PAGEDKV_SIMT_SEED", "0")))
 
 
 def _install_launch_configs() -> None:
@@ -80,8 +84,6 @@ def _sync_knobs() -> None:
         emulated(name, value)
 
 
-_load_library()
-_ops = torch.ops.pagedkv_simt
 
 
 def reshape_and_cache(key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor,
@@ -167,3 +169,7 @@ def counters() -> dict:
 
 def reset_counters() -> None:
     _ops._simt_reset_counters()
+
+
+_ops = torch.ops.pagedkv_simt
+_load_library()
