@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, one shot: under 6 minutes on an H200 including the build.
 #
-#   scripts/gpu_check.sh            build (sm_90), CUDA tests, CUDA-graph tests, memcheck
+#   scripts/gpu_check.sh            build (sm_90 and the SIMT emulator), CUDA tests, CUDA-graph
+#                                   tests, memcheck, the emulator against the device
 #   scripts/gpu_check.sh --bench    the same, then `pagedkv tune` and the benchmark table
 #                                   (a second run, once the first one passed)
 #
@@ -39,7 +40,7 @@ fi
 export PATH=$CUDA_HOME/bin:$PATH
 export TORCH_CUDA_ARCH_LIST=9.0  # Hopper only: the check's machines are H100/H200
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-export PAGEDKV_CUDA=1 PAGEDKV_CPU_ISA=${PAGEDKV_CPU_ISA:-avx2} PYTHONUNBUFFERED=1
+export PAGEDKV_CUDA=1 PAGEDKV_SIMT=1 PAGEDKV_CPU_ISA=${PAGEDKV_CPU_ISA:-avx2} PYTHONUNBUFFERED=1
 FAILED=0
 T0=$SECONDS
 
@@ -72,7 +73,7 @@ step() {
 } > "$LOGS/environment.txt" 2>&1
 head -n 1 "$LOGS/environment.txt" | tee -a "$OUT/summary.txt"
 
-step build 170 "$LOGS/build.log" "$PY" setup.py -q build_ext --inplace \
+step build 240 "$LOGS/build.log" "$PY" setup.py -q build_ext --inplace \
   || { echo "gpu_check: build failed, nothing else can run" | tee -a "$OUT/summary.txt"; exit 1; }
 
 TIMEOUT_OPT=""
@@ -83,6 +84,13 @@ step "pytest (cuda)" 120 "$OUT/pytest.log" "$PY" -m pytest -q -rfE $TIMEOUT_OPT 
   --ignore=tests/test_cuda_graphs.py \
   --ignore=tests/test_decode_graphs.py
 cp "$OUT/pytest.log" "$LOGS/pytest.log"
+
+# The emulator against the device: the same fixed inputs through both, the largest
+# difference per op, every bf16 value through the fp8 quantizers and every fp8 byte through
+# the dequantizers (docs/emulation.md).
+step "simt vs device" 60 "$LOGS/simt_vs_device.log" "$PY" scripts/simt_vs_device.py \
+  --json "$LOGS/simt_vs_device.json"
+cp "$LOGS/simt_vs_device.log" "$OUT/simt_vs_device.txt"
 
 # CUDA graphs: the engine's captured decode steps and reduce-overhead compile, on their own.
 step "pytest (cuda graphs)" 60 "$LOGS/graphs.log" "$PY" -m pytest -q -rfE $TIMEOUT_OPT \

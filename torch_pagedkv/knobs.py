@@ -9,6 +9,9 @@ PAGEDKV_CPU_ISA            avx2 (setup.py default), avx512, native or generic: t
                            kernels' ISA (`make` picks avx512 where the CPU has it)
 PAGEDKV_BUILD_CACHE        1 (default) or 0: `make build` reuses a library built from the
                            same sources; 0 always compiles
+PAGEDKV_SIMT               1: also build torch_pagedkv._simt, the CUDA kernels and glue run
+                           on the CPU by the SIMT emulator (`make test` sets it;
+                           docs/emulation.md)
 =========================  =================================================================
 
 Run time, Python (read where used):
@@ -21,6 +24,14 @@ PAGEDKV_HASH_SEED          seed of the prefix-cache block hashes when the BlockM
 PAGEDKV_TP_LM_HEAD         vocab (default) or replicated: a tensor-parallel engine splits
                            the lm_head by vocabulary (an all-gather of the logits) or keeps
                            it whole on every rank (distributed/sharding.py)
+PAGEDKV_SIMT_ORDER         random (default), forward or reverse: the emulator's thread order
+                           between synchronization points when torch_pagedkv.emulation
+                           loads; PAGEDKV_SIMT_SEED seeds the random order
+PAGEDKV_SIMT_LIBRARY       another build of the emulated library to load (scripts/
+                           simt_teeth.py's mutants)
+PAGEDKV_SIMT_FULL          tests: 1 runs every emulated case of the CUDA test grids (CI
+                           runs a fixed sample); PAGEDKV_SIMT_SWEEP_EXAMPLES sizes the
+                           emulated hypothesis sweep (default 12)
 =========================  =================================================================
 
 Run time, kernels: each is read once per process, at the first op call, and can then be
