@@ -130,7 +130,8 @@ class LLM:
     builder's choice, and for a path with N > 1 the GPU when there is one).
     host_cache_bytes, disk_cache_dir, disk_cache_bytes: tiers below the prefix cache
     (engine/tiered_cache.py; they need prefix caching, and N = 1). A cached block the
-    KV cache evicts is copied to a host-memory LRU of host_cache_bytes (pinned on CUDA);
+    KV cache evicts is copied to a host-memory LRU of host_cache_bytes (pinned on CUDA;
+    0 or None: none);
     every cached block is also written to disk_cache_dir (an LRU of disk_cache_bytes,
     default 16 GiB, shared safely by engines, kept across restarts). A prompt's prefix is
     looked up in the KV cache, then the host tier, then the disk, and what a tier holds is
@@ -163,7 +164,7 @@ class LLM:
         if swap_space_bytes is not None and preemption_mode != "swap":
             raise ValueError("swap_space_bytes sizes the swap space of "
                              "preemption_mode='swap'; pass that too, or drop swap_space_bytes")
-        tiered = (host_cache_bytes, disk_cache_dir, disk_cache_bytes) != (None, None, None)
+        tiered = bool(host_cache_bytes) or (disk_cache_dir, disk_cache_bytes) != (None, None)
         if tiered and not enable_prefix_caching:
             raise ValueError("host_cache_bytes, disk_cache_dir and disk_cache_bytes are tiers "
                              "of the prefix cache: they need enable_prefix_caching=True")
@@ -216,7 +217,7 @@ class LLM:
                                 block_size, num_blocks=num_blocks, memory_bytes=memory_bytes,
                                 dtype=cache_dtype or model.dtype, device=self.device)
         self.tiers: Optional[TieredCache] = None
-        if (host_cache_bytes, disk_cache_dir, disk_cache_bytes) != (None, None, None):
+        if host_cache_bytes or (disk_cache_dir, disk_cache_bytes) != (None, None):
             self.tiers = TieredCache(self.kv_cache, model, host_cache_bytes=host_cache_bytes,
                                      disk_cache_dir=disk_cache_dir,
                                      disk_cache_bytes=disk_cache_bytes)

@@ -24,6 +24,8 @@ scales it was stored under, and is a miss if the cache's scales changed since.
 from __future__ import annotations
 
 import os
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -45,6 +47,7 @@ class TierStats:
     saved_blocks: int = 0  # evicted blocks copied to the host tier
     written_blocks: int = 0  # committed blocks written to the disk tier
     failed_fetches: int = 0  # entries found but not usable (corrupt, foreign, gone)
+    io_time_s: float = 0.0  # wall time in tier copies, file reads and file writes
 
 
 class TieredCache:
@@ -55,7 +58,7 @@ class TieredCache:
             raise ValueError("disk_cache_bytes bounds the disk tier: give disk_cache_dir too")
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
-        self.host = None if host_cache_bytes is None else HostTier(kv_cache, host_cache_bytes)
+        self.host = HostTier(kv_cache, host_cache_bytes) if host_cache_bytes else None
         self.disk = None
         if disk_cache_dir is not None:
             budget = DEFAULT_DISK_BYTES if disk_cache_bytes is None else disk_cache_bytes
@@ -86,7 +89,8 @@ class TieredCache:
         if slot is not None:
             self._fetched[key.hash] = ("host", slot)
             return True
-        payload = None if self.disk is None else self.disk.read(key, scales)
+        with self._timed():
+            payload = None if self.disk is None else self.disk.read(key, scales)
         if payload is not None:
             self._fetched[key.hash] = ("disk", payload)
             return True
@@ -124,22 +128,24 @@ class TieredCache:
         """Copy evicted blocks to the host tier: first in a step, before any write."""
         self.write_through()  # normally done after the last step already
         if self._saves:
-            self.host.space.swap_out([(b, s) for s, b in self._saves.items()])
+            with self._timed():
+                self.host.space.swap_out([(b, s) for s, b in self._saves.items()])
             self.stats.saved_blocks += len(self._saves)
             self._saves.clear()
 
     def load_restored(self) -> None:
         """Copy restored blocks into the cache: after the step's other copies, before
         it reads."""
-        if self._host_restores:
-            self.host.space.swap_in(self._host_restores)
-            self._host_restores.clear()
-        if self._disk_restores:
-            payloads = torch.stack([torch.frombuffer(p, dtype=torch.uint8)
-                                    for p, _ in self._disk_restores])
-            blocks = [b for _, b in self._disk_restores]
-            self._disk_restores.clear()
-            self._scatter(payloads, blocks)
+        with self._timed():
+            if self._host_restores:
+                self.host.space.swap_in(self._host_restores)
+                self._host_restores.clear()
+            if self._disk_restores:
+                payloads = torch.stack([torch.frombuffer(p, dtype=torch.uint8)
+                                        for p, _ in self._disk_restores])
+                blocks = [b for _, b in self._disk_restores]
+                self._disk_restores.clear()
+                self._scatter(payloads, blocks)
         if self.host is not None:
             self.host.unpin()
 
@@ -148,10 +154,20 @@ class TieredCache:
         if not self._writes:
             return
         writes, self._writes = self._writes, []
-        payloads = self._gather([b for _, b in writes])
-        scales = self._scales()
-        for (key, _), payload in zip(writes, payloads):
-            self.stats.written_blocks += self.disk.write(key, scales, payload.numpy().tobytes())
+        with self._timed():
+            payloads = self._gather([b for _, b in writes])
+            scales = self._scales()
+            for (key, _), payload in zip(writes, payloads):
+                self.stats.written_blocks += self.disk.write(key, scales,
+                                                             payload.numpy().tobytes())
+
+    @contextmanager
+    def _timed(self):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stats.io_time_s += time.perf_counter() - t0
 
     # ------------------------------------------------------------ block bytes
     def _layers(self) -> list[torch.Tensor]:
