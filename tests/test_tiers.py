@@ -11,6 +11,7 @@ or a wrong token.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import warnings
@@ -359,3 +360,21 @@ def test_two_disk_tiers_writing_and_evicting_at_once_never_serve_a_bad_block(tmp
     assert not errors, errors[0]
     assert served[0] > 0
     assert sum(f.stat().st_size for f in block_files(tmp_path)) <= 2 * 6 * 4500
+
+
+def test_pagedkv_demo_tiers_prints_the_comparison(capsys, tmp_path):
+    from torch_pagedkv.engine import demo
+
+    out_json = tmp_path / "tiers.json"
+    rc = demo.main(["--tiers", "--conversations", "4", "--system-tokens", "64",
+                    "--user-min", "10", "--user-max", "30", "--max-tokens", "4",
+                    "--tier-blocks", "12", "--no-compile", "--quiet", "--json", str(out_json)])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "greedy outputs identical in all runs: yes" in printed
+    for row in ("| prompt tokens computed |", "| restored from host / disk |",
+                "| prefill wall time |"):
+        assert row in printed
+    res = json.loads(out_json.read_text())
+    assert res["host tier"]["host_hits"] > 0 and res["disk tier"]["disk_hits"] > 0
+    assert res["restart, disk tier"]["prefill_tokens"] < \
+        res["restart, no disk tier"]["prefill_tokens"]
