@@ -420,3 +420,14 @@ def test_a_restored_block_is_the_evicted_block_bit_for_bit(tmp_path, dtype, tier
             assert torch.equal(o.view(torch.uint8), n.view(torch.uint8))
     st = tiers.stats
     assert (st.host_hit_tokens if tier == "host" else st.disk_hit_tokens) == 3 * BLOCK
+
+
+def test_pagedkv_hash_seed_names_blocks_in_place_of_the_directory_seed(model, tmp_path,
+                                                                       monkeypatch):
+    monkeypatch.setenv("PAGEDKV_HASH_SEED", "7")
+    roomy(model, disk_cache_dir=tmp_path / "a").generate(conversations(), GREEDY,
+                                                        use_tqdm=False)
+    names = {f.name for f in block_files(tmp_path / "a")}
+    roomy(model, disk_cache_dir=tmp_path / "b").generate(conversations(), GREEDY,
+                                                        use_tqdm=False)
+    assert names and names == {f.name for f in block_files(tmp_path / "b")}

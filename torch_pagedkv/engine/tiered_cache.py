@@ -31,6 +31,7 @@ from typing import Optional
 
 import torch
 
+from ..cache.block_hash import HASH_SEED_ENV
 from ..cache.kv_cache import KVCache
 from ..cache.tiers import BlockKey
 from .disk_tier import DiskTier
@@ -73,8 +74,12 @@ class TieredCache:
 
     @property
     def hash_seed(self) -> Optional[bytes]:
-        """The chain hash's root seed shared by every engine on the disk directory."""
-        return None if self.disk is None else self.disk.hash_seed
+        """The chain hash's root seed shared by every engine on the disk directory; None
+        (the BlockManager's default) without a disk tier or when PAGEDKV_HASH_SEED is set,
+        which then names blocks in every engine that sets it alike."""
+        if self.disk is None or os.environ.get(HASH_SEED_ENV):
+            return None
+        return self.disk.hash_seed
 
     # ------------------------------------------------------------ BlockTiers (planning)
     def contains(self, block_hash: bytes) -> bool:
