@@ -98,7 +98,9 @@ class DiskTier:
                                     f"block (one takes {len(data)} bytes); nothing is stored")
             return False
         self._writes += 1
-        if self.nbytes + len(data) > self.max_bytes or self._writes % RESCAN_WRITES == 0:
+        if self._writes % RESCAN_WRITES == 0:  # count what other engines wrote
+            self.nbytes = self._scan()[1]
+        if self.nbytes + len(data) > self.max_bytes:
             self._shrink(min(self.max_bytes - len(data), int(0.9 * self.max_bytes)))
         tmp = self.dir / f".{key.hash.hex()}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         try:
