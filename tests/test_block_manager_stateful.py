@@ -264,9 +264,11 @@ class TieredBlockManagerMachine(BlockManagerMachine):
     token + 1, -1 = never written), and every step's moves really run (TieredCache:
     saves of evicted blocks, copy-on-write, restores; writes to disk after a commit).
     Evictions happen whenever allocate or append needs a block; restores whenever a
-    prompt's prefix is found in a tier; a restart keeps only the disk. Every reused
-    block, restored ones included, must hold the prompt's K/V (the inherited allocate
-    rule), and every tier entry the K/V of its key."""
+    prompt's prefix is found in a tier. Rules beyond the inherited ones: step (every live
+    sequence computed and committed), evict (a throwaway prompt filling every free
+    block), restart (only the disk survives), corrupt_a_file. Every reused block,
+    restored ones included, must hold the prompt's K/V (the inherited allocate rule),
+    and every tier entry the K/V of its key."""
 
     @initialize(
         num_blocks=st.integers(3, 16),  # few: cached blocks are evicted often
