@@ -431,3 +431,40 @@ def test_pagedkv_hash_seed_names_blocks_in_place_of_the_directory_seed(model, tm
     roomy(model, disk_cache_dir=tmp_path / "b").generate(conversations(), GREEDY,
                                                         use_tqdm=False)
     assert names and names == {f.name for f in block_files(tmp_path / "b")}
+
+
+def generate_in_a_process(directory: str, bound: int, seed: int) -> tuple[list, int, int]:
+    """One engine in its own process on a shared directory; any TierWarning fails it.
+    Returns its tokens, the blocks it wrote and the tokens it restored from disk."""
+    warnings.simplefilter("error", TierWarning)
+    torch.set_num_threads(1)
+    llm = engine(TinyLlama(CFG), disk_cache_dir=directory, disk_cache_bytes=bound)
+    outs = []
+    for turn in range(3):
+        outs += llm.generate(conversations(seed=(seed + turn) % 2), GREEDY, use_tqdm=False)
+    return [o.token_ids for o in outs], llm.stats.num_disk_written_blocks, \
+        llm.stats.num_disk_hit_tokens
+
+
+def test_two_engine_processes_share_a_small_directory(model, tmp_path):
+    """Two processes at once on one directory bounded to 30 blocks: both write,
+    read and evict the same blocks; neither warns, both give the tokens of an engine
+    without tiers."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(generate_in_a_process, str(tmp_path), 30 * 2300, s)
+                   for s in (0, 1)]
+        got = [f.result(timeout=300) for f in futures]
+    assert sum(written for _, written, _ in got) > 30  # more than the bound holds: evictions
+    assert all(hits > 0 for _, _, hits in got)
+    plain = engine(model)
+    for s, (tokens, _, _) in zip((0, 1), got):
+        want = []
+        for turn in range(3):
+            want += plain.generate(conversations(seed=(s + turn) % 2), GREEDY, use_tqdm=False)
+        assert tokens == [o.token_ids for o in want]
+    files = block_files(tmp_path)
+    assert 0 < sum(f.stat().st_size for f in files) <= 2 * 30 * 2300  # each engine's bound
+    assert not list(Path(tmp_path).rglob("*.tmp"))
