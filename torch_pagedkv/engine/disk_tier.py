@@ -32,6 +32,7 @@ from . import block_file
 
 SUFFIX = ".kv"
 SEED_FILE = "hash_seed"
+SEED_BYTES = 64  # 32 bytes as hex
 RESCAN_WRITES = 256
 STALE_TMP_S = 600.0  # a temporary file this old belongs to a writer that died
 
@@ -43,6 +44,7 @@ class DiskTier:
         self.dir = self.root / identity.hex()[:32]
         self.identity = identity
         self.max_bytes = int(max_bytes)
+        self.file_budget = self.max_bytes - SEED_BYTES  # the seed file counts too
         self.payload_bytes = payload_bytes
         self._warned: set[str] = set()
         self._writes = 0
@@ -93,15 +95,15 @@ class DiskTier:
         if os.path.exists(path):
             return False
         data = block_file.encode(self.identity, key, scales, payload)
-        if len(data) > self.max_bytes:
+        if len(data) > self.file_budget:
             self._warn_once("size", f"disk tier: disk_cache_bytes={self.max_bytes} holds no "
                                     f"block (one takes {len(data)} bytes); nothing is stored")
             return False
         self._writes += 1
         if self._writes % RESCAN_WRITES == 0:  # count what other engines wrote
             self.nbytes = self._scan()[1]
-        if self.nbytes + len(data) > self.max_bytes:
-            self._shrink(min(self.max_bytes - len(data), int(0.9 * self.max_bytes)))
+        if self.nbytes + len(data) > self.file_budget:
+            self._shrink(min(self.file_budget - len(data), int(0.9 * self.file_budget)))
         tmp = self.dir / f".{key.hash.hex()}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         try:
             with open(tmp, "wb") as f:
@@ -153,9 +155,9 @@ class DiskTier:
         for _ in range(2):
             try:
                 seed = bytes.fromhex(path.read_text().strip())
-                if len(seed) == 32:
+                if len(seed) == SEED_BYTES // 2:
                     return seed
-                raise ValueError(f"{len(seed)} bytes, expected 32")
+                raise ValueError(f"{len(seed)} bytes, expected {SEED_BYTES // 2}")
             except FileNotFoundError:
                 pass
             except (OSError, ValueError) as e:
@@ -164,7 +166,7 @@ class DiskTier:
                 return None
             tmp = self.root / f".{SEED_FILE}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
             try:
-                tmp.write_text(secrets.token_hex(32))
+                tmp.write_text(secrets.token_hex(SEED_BYTES // 2))
                 os.link(tmp, path)
             except FileExistsError:
                 pass  # another engine created it: read that one
