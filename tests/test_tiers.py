@@ -11,6 +11,7 @@ or a wrong token.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -235,9 +236,12 @@ def test_a_file_of_another_model_under_this_models_name_is_a_miss(model, tmp_pat
     assert llm.stats.num_disk_hit_tokens == 0
 
 
-def test_an_unwritable_directory_stores_nothing_with_one_warning(model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("error", [errno.EACCES, errno.EROFS, errno.ENOSPC],
+                         ids=["permission", "read-only file system", "disk full"])
+def test_an_unwritable_directory_stores_nothing_with_one_warning(model, tmp_path, monkeypatch,
+                                                                 error):
     def refuse(*args, **kwargs):
-        raise PermissionError(13, "Permission denied")
+        raise OSError(error, os.strerror(error))
 
     llm = engine(model, disk_cache_dir=tmp_path)
     monkeypatch.setattr("torch_pagedkv.engine.disk_tier.os.replace", refuse)
