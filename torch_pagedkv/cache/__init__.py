@@ -4,15 +4,19 @@ from .block_hash import BlockHasher, encode_extra_keys, hash_block, root_hash
 from .block_manager import (BlockManager, BlockManagerStats, BlockTable, NoFreeBlocksError,
                             SequenceIdError)
 from .step_plan import StepPlanner
+from .tiers import BlockKey, BlockTiers, TierWarning
 
 __all__ = [
     "BlockHasher",
+    "BlockKey",
+    "BlockTiers",
     "BlockManager",
     "BlockManagerStats",
     "BlockTable",
     "NoFreeBlocksError",
     "SequenceIdError",
     "StepPlanner",
+    "TierWarning",
     "encode_extra_keys",
     "hash_block",
     "root_hash",

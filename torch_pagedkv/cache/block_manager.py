@@ -20,6 +20,12 @@ cached block is evicted only when no empty block is left, least recently used
 first. ``free`` releases a sequence's blocks tail first, so its tail is evicted
 before its head (a prefix is worth more than the suffix that extends it).
 Every operation is O(1) per block it touches; nothing scans all blocks.
+
+Tiers (optional, ``tiers=``, cache/tiers.py): an evicted cached block is first offered
+to them (``evicted``), a newly cached one too (``committed``), and ``allocate`` walks
+the prefix's chain through the device cache and the tiers alike: a block found only in
+a tier gets a fresh device block and a queued restore, and counts as reused (its K/V
+are copied back before the step reads them, so the sequence does not compute them).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 
 from .block_hash import BlockHasher, encode_extra_keys, root_hash
+from .tiers import BlockKey, BlockTiers
 
 __all__ = [
     "BlockManager",
@@ -76,11 +83,13 @@ class SequenceIdError(KeyError, ValueError):
 
 @dataclass
 class BlockManagerStats:
-    """Prefix-cache counters: tokens asked for, tokens reused, blocks evicted."""
+    """Prefix-cache counters: tokens asked for, tokens reused, blocks evicted, blocks
+    restored from a tier (their tokens count as reused too)."""
 
     queries: int = 0
     hits: int = 0
     evictions: int = 0
+    restored: int = 0
 
     @property
     def hit_rate(self) -> float:
@@ -162,7 +171,8 @@ class BlockManager:
     ``extra_keys`` (adapter ids, multimodal ids, ...: mixed into every block
     hash of the sequence, like ``cache_salt``), and the constructor takes
     ``hash_seed`` (reproducible hashes; default: ``PAGEDKV_HASH_SEED``, else
-    random per process).
+    random per process) and ``tiers`` (host/disk copies of evicted blocks, found by
+    ``allocate`` after the device cache; cache/tiers.py).
     """
 
     def __init__(
@@ -172,6 +182,7 @@ class BlockManager:
         *,
         enable_prefix_caching: bool = True,
         hash_seed: str | bytes | int | None = None,
+        tiers: BlockTiers | None = None,
     ) -> None:
         if num_blocks < 0:
             raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
@@ -188,6 +199,7 @@ class BlockManager:
         self._cached: dict[bytes, int] = {}  # block hash -> block id
         self._seqs: dict[Hashable, BlockTable] = {}
         self._copies: dict[int, int] = {}  # pending copy-on-write, dst -> src
+        self.tiers = tiers if enable_prefix_caching else None
 
     # ------------------------------------------------------------ queries
     @property
@@ -239,41 +251,30 @@ class BlockManager:
         bs = self.block_size
         num_blocks = -(-len(tokens) // bs)
 
-        hits: list[int] = []
+        hits: list[int | None] = []
         hashes: list[bytes] = []
         extra = b""
         if self.enable_prefix_caching:
             extra = encode_extra_keys(extra_keys, cache_salt=cache_salt)
-            parent = self._root
-            for i in range((len(tokens) - 1) // bs):
-                block_tokens = tokens[i * bs : (i + 1) * bs]
-                h = self._hasher.hash_block(parent, block_tokens, extra)
-                hashes.append(h)  # kept even on a miss: commit needs it later
-                bid = self._cached.get(h)
-                if bid is None:
-                    break
-                blk = self._blocks[bid]
-                if (
-                    blk.token_ids != block_tokens
-                    or blk.parent_hash != parent
-                    or blk.extra != extra
-                ):
-                    break  # a hash collision: never share on the hash alone
-                hits.append(bid)
-                parent = h
-
-        # Cached hits that sit in the free list leave it, like fresh blocks.
-        revived = sum(1 for bid in hits if self._blocks[bid].ref_count == 0)
-        needed = num_blocks - len(hits) + revived
-        if needed > len(self._free):
-            raise NoFreeBlocksError(needed, len(self._free), "allocate")
+            hits, hashes = self._lookup(tokens, extra)
+        self._check_room(num_blocks, hits)
+        if None in hits:  # some blocks come from a tier: load them, then check again
+            hits = self._fetch(hits, tokens, hashes, extra)
+            try:
+                self._check_room(num_blocks, hits)
+            except NoFreeBlocksError:
+                self.tiers.release()
+                raise
 
         for bid in hits:  # before taking fresh ones, so these are not evicted
-            blk = self._blocks[bid]
-            if blk.ref_count == 0:
-                del self._free[bid]
-            blk.ref_count += 1
-        block_ids = hits + [self._take_fresh() for _ in range(num_blocks - len(hits))]
+            if bid is not None:
+                blk = self._blocks[bid]
+                if blk.ref_count == 0:
+                    del self._free[bid]
+                blk.ref_count += 1
+        block_ids = [self._restore(self._key(i, tokens, hashes, extra)) if bid is None
+                     else bid for i, bid in enumerate(hits)]
+        block_ids += [self._take_fresh() for _ in range(num_blocks - len(hits))]
 
         reused = len(hits) * bs
         self._seqs[seq_id] = BlockTable(tokens, block_ids, hashes, reused, len(hits), extra)
@@ -379,6 +380,77 @@ class BlockManager:
                 f"unknown sequence {seq_id!r}: it was never allocated or was already freed"
             ) from None
 
+    def _lookup(self, tokens: list[int], extra: bytes) -> tuple[list[int | None], list[bytes]]:
+        """The longest cached prefix of a prompt, walking its hash chain through the
+        device cache, then the tiers: per full block its device block, or None where
+        only a tier holds it. Also returns the hashes computed (one past the prefix on a
+        miss: commit needs it later)."""
+        bs = self.block_size
+        parent = self._root
+        hits: list[int | None] = []
+        hashes: list[bytes] = []
+        for i in range((len(tokens) - 1) // bs):
+            block_tokens = tokens[i * bs : (i + 1) * bs]
+            h = self._hasher.hash_block(parent, block_tokens, extra)
+            hashes.append(h)
+            bid = self._cached.get(h)
+            if bid is not None:
+                blk = self._blocks[bid]
+                if (
+                    blk.token_ids != block_tokens
+                    or blk.parent_hash != parent
+                    or blk.extra != extra
+                ):
+                    break  # a hash collision: never share on the hash alone
+            elif self.tiers is None or not self.tiers.contains(h):
+                break
+            hits.append(bid)
+            parent = h
+        return hits, hashes
+
+    def _check_room(self, num_blocks: int, hits: list[int | None]) -> None:
+        """Raise unless a prompt of num_blocks blocks whose prefix is ``hits`` fits:
+        cached hits in the free list leave it like fresh blocks, tier hits take fresh
+        ones."""
+        on_device = [bid for bid in hits if bid is not None]
+        revived = sum(1 for bid in on_device if self._blocks[bid].ref_count == 0)
+        needed = num_blocks - len(on_device) + revived
+        if needed > len(self._free):
+            raise NoFreeBlocksError(needed, len(self._free), "allocate")
+
+    def _key(self, i: int, tokens: list[int], hashes: list[bytes], extra: bytes) -> BlockKey:
+        bs = self.block_size
+        parent = hashes[i - 1] if i else self._root
+        return BlockKey(hashes[i], parent, tuple(tokens[i * bs : (i + 1) * bs]), extra)
+
+    def _fetch(self, hits: list[int | None], tokens: list[int], hashes: list[bytes],
+               extra: bytes) -> list[int | None]:
+        """Load the tier hits of ``hits``; the prefix ends before the first that fails
+        (a corrupt or vanished entry is a miss)."""
+        for i, bid in enumerate(hits):
+            if bid is None and not self.tiers.fetch(self._key(i, tokens, hashes, extra)):
+                return hits[:i]
+        return hits
+
+    def _restore(self, key: BlockKey) -> int:
+        """A fresh block that a tier refills with ``key``'s K/V before the next step;
+        cached at once (a committed full block), so others may share it."""
+        bid = self._take_fresh()
+        self.tiers.restore(key, bid)
+        self._set_cached(self._blocks[bid], key.hash, list(key.token_ids), key.parent_hash,
+                         key.extra)
+        self.stats.restored += 1
+        return bid
+
+    @staticmethod
+    def _block_key(blk: _Block) -> BlockKey:
+        return BlockKey(blk.hash, blk.parent_hash, tuple(blk.token_ids), blk.extra)
+
+    def _set_cached(self, blk: _Block, h: bytes, token_ids: list[int], parent: bytes,
+                    extra: bytes) -> None:
+        self._cached[h] = blk.block_id
+        blk.hash, blk.token_ids, blk.parent_hash, blk.extra = h, token_ids, parent, extra
+
     def _copy_destination(self) -> int | None:
         """The first free block no pending copy reads, or None. A sequence freed since
         the last ``take_copies`` may have left the source of a pending copy in the free
@@ -397,6 +469,8 @@ class BlockManager:
             del self._free[bid]
         blk = self._blocks[bid]
         if blk.hash is not None:
+            if self.tiers is not None:  # before its K/V are overwritten: copy them down
+                self.tiers.evicted(self._block_key(blk), bid)
             del self._cached[blk.hash]
             blk.hash = blk.token_ids = blk.parent_hash = blk.extra = None
             self.stats.evictions += 1
@@ -434,9 +508,8 @@ class BlockManager:
                 # sequences computed it concurrently). Keep the first mapping;
                 # this one stays uncached and is reused as an empty block.
                 continue
-            self._cached[h] = blk.block_id
-            blk.hash = h
-            blk.token_ids = seq.token_ids[i * bs : (i + 1) * bs]
-            blk.parent_hash = seq.hashes[i - 1] if i else self._root
-            blk.extra = seq.extra
+            self._set_cached(blk, h, seq.token_ids[i * bs : (i + 1) * bs],
+                             seq.hashes[i - 1] if i else self._root, seq.extra)
+            if self.tiers is not None:
+                self.tiers.committed(self._block_key(blk), blk.block_id)
         seq.num_cached_blocks = num_full_blocks

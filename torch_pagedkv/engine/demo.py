@@ -8,6 +8,10 @@ with it plus cascade attention (the shared prompt's K/V read once per step for a
 prompt tokens computed, prefill and decode wall time and throughput, KV blocks
 needed to hold the 64 prompts, prefix-cache hit rate, cascade steps, and checks
 that all runs produced the same tokens.
+
+`pagedkv demo --tiers` runs the prefix cache's host and disk tiers instead: a second
+turn of every conversation with a KV cache too small to keep the first turns, then a
+cold restart with and without the disk tier (engine/demo_tiers.py).
 """
 from __future__ import annotations
 
@@ -149,6 +153,13 @@ def main(argv: list[str] | None = None) -> int:
                         "OpenMP region of a 2-thread run; the ratios are the point here)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
+    p.add_argument("--tiers", action="store_true",
+                   help="instead: a second turn per conversation with a KV cache too small "
+                        "for the first turns, without tiers, with a host tier, with a disk "
+                        "tier, and a cold restart without and with the disk tier")
+    p.add_argument("--tier-blocks", type=int, default=320,
+                   help="KV cache blocks of the --tiers engines (default 320: the system "
+                        "prompt and about a third of the conversations)")
     args = p.parse_args(argv)
 
     t_start = time.perf_counter()
@@ -179,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     what = "compile + warm-up" if not args.no_compile else "warm-up"
     print(f"{what}: {time.perf_counter() - t0:.1f} s ({warm.num_compiled_graphs} graph(s) compiled)")
 
+    if args.tiers:
+        return _demo_tiers(model, prompts, args, t_start)
     done = run_variants_in_turns(model, prompts, params, args)
     names = [name for name, _ in VARIANTS]
     res = {name: _mean_runs(done[name]) for name in names}
@@ -237,6 +250,28 @@ def main(argv: list[str] | None = None) -> int:
                   "outputs_identical": same, "total_s": total}
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
+    return 0 if same else 1
+
+
+def _demo_tiers(model, prompts, args, t_start: float) -> int:
+    from .demo_tiers import outputs_identical, run_tiers, summaries, tier_rows
+    runs = run_tiers(model, prompts, args, DEMO_CONFIG.vocab_size)
+    results = summaries(runs)
+    print(f"\nsecond turns with a KV cache of {args.tier_blocks} blocks of {args.block_size} "
+          "tokens (engines stepped in turns):\n")
+    print("\n".join(tier_rows(results)))
+    same = outputs_identical(runs)
+    base, host, disk, cold, warm = runs
+    print(f"\nhost tier: {host.prefill_tokens:,} instead of {base.prefill_tokens:,} prompt "
+          f"tokens computed, prefill {base.prefill_time_s / host.prefill_time_s:.1f}x faster; "
+          f"disk tier: {disk.prefill_tokens:,}, {base.prefill_time_s / disk.prefill_time_s:.1f}x; "
+          f"cold restart with the disk tier: {warm.prefill_tokens:,} instead of "
+          f"{cold.prefill_tokens:,}, {cold.prefill_time_s / warm.prefill_time_s:.1f}x")
+    print(f"greedy outputs identical in all runs: {'yes' if same else 'NO'} "
+          f"({time.perf_counter() - t_start:.0f} s in all)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results | {"outputs_identical": same}, f, indent=2)
     return 0 if same else 1
 
 

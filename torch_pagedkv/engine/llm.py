@@ -36,6 +36,7 @@ from .scheduler import Scheduler, SchedulerOutput
 from .stats import EngineStats
 from .stream import Streamer
 from .swap import SwapSpace
+from .tiered_cache import TieredCache
 
 DEFAULT_MEMORY_BYTES = 512 * 2**20
 DEFAULT_SWAP_BYTES = 4 * 2**30  # at most; never more than the KV cache itself
@@ -127,6 +128,15 @@ class LLM:
     raise a RuntimeError naming its rank.
     device: where a model given by path or builder runs ("cpu", "cuda"; default: the
     builder's choice, and for a path with N > 1 the GPU when there is one).
+    host_cache_bytes, disk_cache_dir, disk_cache_bytes: tiers below the prefix cache
+    (engine/tiered_cache.py; they need prefix caching, and N = 1). A cached block the
+    KV cache evicts is copied to a host-memory LRU of host_cache_bytes (pinned on CUDA;
+    0 or None: none);
+    every cached block is also written to disk_cache_dir (an LRU of disk_cache_bytes,
+    default 16 GiB, shared safely by engines, kept across restarts). A prompt's prefix is
+    looked up in the KV cache, then the host tier, then the disk, and what a tier holds is
+    copied back instead of computed: RequestOutput.metrics.num_cached_tokens counts it,
+    stats.num_host_hit_tokens / num_disk_hit_tokens say where it came from.
     """
 
     def __init__(self, model, num_blocks: Optional[int] = None, *,
@@ -139,7 +149,10 @@ class LLM:
                  tokenizer: Any = None, preemption_mode: str = "recompute",
                  swap_space_bytes: Optional[int] = None,
                  enable_cascade: Optional[bool] = None, tensor_parallel_size: int = 1,
-                 device: Union[str, torch.device, None] = None) -> None:
+                 device: Union[str, torch.device, None] = None,
+                 host_cache_bytes: Optional[int] = None,
+                 disk_cache_dir: Union[str, os.PathLike, None] = None,
+                 disk_cache_bytes: Optional[int] = None) -> None:
         # Every rank of a tensor-parallel engine builds it from the same arguments.
         engine_args = {k: v for k, v in locals().items()
                        if k not in ("self", "model", "tokenizer", "tensor_parallel_size", "device")}
@@ -151,6 +164,13 @@ class LLM:
         if swap_space_bytes is not None and preemption_mode != "swap":
             raise ValueError("swap_space_bytes sizes the swap space of "
                              "preemption_mode='swap'; pass that too, or drop swap_space_bytes")
+        tiered = bool(host_cache_bytes) or (disk_cache_dir, disk_cache_bytes) != (None, None)
+        if tiered and not enable_prefix_caching:
+            raise ValueError("host_cache_bytes, disk_cache_dir and disk_cache_bytes are tiers "
+                             "of the prefix cache: they need enable_prefix_caching=True")
+        if tiered and tensor_parallel_size != 1:
+            raise ValueError("the host and disk cache tiers are not supported with "
+                             "tensor_parallel_size > 1 yet; drop them or run on one rank")
         self.tp = None  # the ranks of a tensor-parallel engine (distributed/)
         if tensor_parallel_size != 1:
             from ..distributed import TensorParallel
@@ -175,7 +195,8 @@ class LLM:
     def _build(self, model, tokenizer, *, num_blocks, memory_bytes, block_size,
                enable_prefix_caching, enable_chunked_prefill, max_num_batched_tokens,
                max_num_seqs, max_model_len, cache_dtype, compile, compile_backend, cuda_graphs,
-               preemption_mode, swap_space_bytes, enable_cascade) -> None:
+               preemption_mode, swap_space_bytes, enable_cascade, host_cache_bytes,
+               disk_cache_dir, disk_cache_bytes) -> None:
         """Everything after the model is known: cache, scheduler, runner."""
         if isinstance(tokenizer, (str, os.PathLike)):
             from .checkpoint import load_tokenizer
@@ -195,8 +216,14 @@ class LLM:
         self.kv_cache = KVCache(model.num_layers, model.num_kv_heads, model.head_size,
                                 block_size, num_blocks=num_blocks, memory_bytes=memory_bytes,
                                 dtype=cache_dtype or model.dtype, device=self.device)
-        self.block_manager = BlockManager(self.kv_cache.num_blocks, block_size,
-                                          enable_prefix_caching=enable_prefix_caching)
+        self.tiers: Optional[TieredCache] = None
+        if host_cache_bytes or (disk_cache_dir, disk_cache_bytes) != (None, None):
+            self.tiers = TieredCache(self.kv_cache, model, host_cache_bytes=host_cache_bytes,
+                                     disk_cache_dir=disk_cache_dir,
+                                     disk_cache_bytes=disk_cache_bytes)
+        self.block_manager = BlockManager(
+            self.kv_cache.num_blocks, block_size, enable_prefix_caching=enable_prefix_caching,
+            hash_seed=self.tiers and self.tiers.hash_seed, tiers=self.tiers)
         self.swap: Optional[SwapSpace] = None
         if preemption_mode == "swap":
             budget = swap_space_bytes
@@ -217,6 +244,7 @@ class LLM:
                                   max_num_batched_tokens=max_num_batched_tokens,
                                   max_model_len=self.max_model_len, compile=compile,
                                   compile_backend=compile_backend, swap=self.swap,
+                                  tiers=self.tiers,
                                   cuda_graphs=self._want_cuda_graphs(cuda_graphs),
                                   cascade=_cascade_rule(enable_cascade))
         self.stats = EngineStats()
@@ -281,6 +309,8 @@ class LLM:
         tokens = [] if sampled is None else sampled.tolist()  # the step's one device sync
         now = time.perf_counter()
         finished = self.scheduler.update(out, tokens, now)
+        if self.tiers is not None:  # the blocks this step cached, to the disk tier
+            self.tiers.write_through()
         done = []
         for s in finished:
             req = s.request
@@ -304,6 +334,11 @@ class LLM:
         st.num_cascade_steps += self.runner.last_metadata.cascade is not None
         st.peak_blocks_used = max(st.peak_blocks_used, used)
         st.prefix_queries, st.prefix_hits = bm.stats.queries, bm.stats.hits
+        if self.tiers is not None:
+            ts = self.tiers.stats
+            st.num_host_hit_tokens, st.num_disk_hit_tokens = ts.host_hit_tokens, ts.disk_hit_tokens
+            st.num_tier_saved_blocks, st.num_disk_written_blocks = (ts.saved_blocks,
+                                                                    ts.written_blocks)
         return StepOutput(out, tokens, done, now - t0)
 
     def _execute_parallel(self, out: SchedulerOutput) -> Optional[torch.Tensor]:

@@ -1,8 +1,9 @@
 """The model runner: one scheduled step in, one sampled token per sampler out.
 
 First the step's block moves, in the order that keeps every block's content right:
-swap-outs (preempted sequences' blocks to the swap space, before anything reuses
-them), copy-on-write copies, swap-ins (resumed sequences' blocks back from it).
+evicted prefix blocks to the host tier and swap-outs (preempted sequences' blocks to
+the swap space), both before anything reuses them, copy-on-write copies, then prefix
+blocks restored from a tier and swap-ins (resumed sequences' blocks back).
 
 Plan on the host, run on the device (FlashInfer's plan/run split): token ids,
 positions and the rows to sample are written into preallocated host buffers, the
@@ -39,6 +40,7 @@ from .cuda_graphs import DecodeGraphs
 from .sampling import sample
 from .scheduler import SchedulerOutput
 from .swap import SwapSpace
+from .tiered_cache import TieredCache
 
 MIN_SIZE = 2  # dynamic shapes specialise 0 and 1: never hand the graph a size below this
 
@@ -140,10 +142,12 @@ class ModelRunner:
                  max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
                  compile: bool = True, compile_backend: str = "inductor",
                  swap: Optional[SwapSpace] = None, cuda_graphs: bool = False,
-                 cascade: Optional[CascadeRule] = None) -> None:
+                 cascade: Optional[CascadeRule] = None,
+                 tiers: Optional[TieredCache] = None) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.swap = swap
+        self.tiers = tiers
         self.device = kv_cache.device
         # Decode steps padded to capture sizes (replayed graphs on CUDA); None: unpadded.
         self.graphs = DecodeGraphs(max_num_seqs, self.device) if cuda_graphs else None
@@ -227,10 +231,14 @@ class ModelRunner:
 
     def move_blocks(self, swap_out, copies, swap_in) -> None:
         """A step's block moves, in the order that keeps every block's content right."""
+        if self.tiers is not None:  # evicted cached blocks down a tier, before any write
+            self.tiers.save_evicted()
         if swap_out:  # before anything writes the blocks they leave
             self.swap.swap_out(swap_out)
         if copies:  # copy-on-write of forked partial blocks, before anything writes
             self.kv_cache.copy_blocks(copies)
+        if self.tiers is not None:  # prefix blocks back from a tier, before any read
+            self.tiers.load_restored()
         if swap_in:
             self.swap.swap_in(swap_in)
 

@@ -20,7 +20,11 @@ class EngineStats:
     num_cascade_steps: int = 0  # steps whose attention read shared prefixes once (cascade)
     peak_blocks_used: int = 0  # most blocks referenced by live sequences at once
     prefix_queries: int = 0  # prompt tokens looked up in the prefix cache
-    prefix_hits: int = 0  # of which reused
+    prefix_hits: int = 0  # of which reused (from the KV cache or a tier)
+    num_host_hit_tokens: int = 0  # of which restored from the host tier (host_cache_bytes)
+    num_disk_hit_tokens: int = 0  # of which restored from the disk tier (disk_cache_dir)
+    num_tier_saved_blocks: int = 0  # evicted blocks copied to the host tier
+    num_disk_written_blocks: int = 0  # cached blocks written to the disk tier
 
     @property
     def hit_rate(self) -> float:
