@@ -118,3 +118,23 @@ def test_device_queries_answer_from_the_profile():
     assert (rows, splits) == (1, 16)
     occ = torch.ops.pagedkv_simt._occupancy("decode", "bfloat16", "bfloat16", 128, 32, 8, 128, 512)
     assert occ[0] > 0 and occ[-1] == 132 and occ[-2] == 2048
+
+
+def test_simt_vs_device_script_runs_against_the_reference():
+    """scripts/simt_vs_device.py is what the first GPU run executes: here it compares the
+    emulator with the reference, which must agree to float rounding and bit for bit on
+    every write and fp8 conversion."""
+    import json
+    import pathlib
+    import subprocess
+    import sys
+    import tempfile
+    root = pathlib.Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as d:
+        out = pathlib.Path(d) / "r.json"
+        subprocess.run([sys.executable, "scripts/simt_vs_device.py", "--against", "reference",
+                        "--json", str(out)], cwd=root, check=True, capture_output=True)
+        results = json.loads(out.read_text())
+    exact = {k: v for k, v in results.items() if "bytes" in k or "values" in k or "blocks" in k}
+    assert len(exact) == 10 and not any(exact.values()), exact
+    assert max(results.values()) < 2e-3, results
