@@ -27,7 +27,7 @@ space := $(subst ,, )
 BUILD_KEY := $(shell cat $(SOURCES) | sha256sum | cut -c1-16)-$(REQ_HASH)-$(PAGEDKV_CUDA)-$(PAGEDKV_CPU_ISA)-$(subst ;,_,$(subst $(space),_,$(TORCH_CUDA_ARCH_LIST)))
 LIB_CACHE := $(ENV_CACHE)/lib-$(BUILD_KEY)
 
-.PHONY: env build run test bench clean env-vllm build-vllm test-vllm
+.PHONY: env build run test bench clean env-vllm build-vllm test-vllm bench-vllm
 
 env: .venv/.checkout-ready-$(REQ_HASH)
 
@@ -130,4 +130,7 @@ $(VLLM_STAMP): $(SOURCES) .venv-vllm/.checkout-ready-$(VLLM_HASH)
 	@touch $@
 
 test-vllm: build-vllm
-	$(VLLM_PY) -m pytest -q tests_vllm
+	$(VLLM_PY) -m pytest -q --durations=5 tests_vllm
+
+bench-vllm: build-vllm
+	$(VLLM_PY) -m benchmarks.bench_vllm --write-results

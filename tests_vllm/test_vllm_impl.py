@@ -108,3 +108,35 @@ def test_validate_configuration_names_torch_pagedkv(kwargs, says):
     reasons = PagedKVBackend.validate_configuration(**{**args, **kwargs})
     assert reasons and all(r.startswith("torch_pagedkv") for r in reasons)
     assert any(says in r for r in reasons), reasons
+
+
+def test_cascade_over_shared_prefix_blocks_equals_plain_attention():
+    """18 requests whose block tables start with the same 20 blocks (320 tokens): the
+    builder's cascade plan finds them, and forward's result equals the plain one."""
+    from torch_pagedkv.vllm.cascade import plan_cascade
+    torch.manual_seed(0)
+    heads, kv_heads, head_size, shared = 8, 2, 64, 20
+    impl = PagedKVImpl(heads, head_size, 0.125, kv_heads, None, None, "auto")
+    n_req, own = 18, 3
+    num_blocks = shared + n_req * own
+    raw = torch.randn(2, num_blocks, BLOCK, kv_heads * head_size)
+    kv_cache = raw.transpose(0, 1)
+    table = torch.zeros(n_req, shared + own, dtype=torch.int32)
+    table[:, :shared] = torch.arange(shared, dtype=torch.int32)
+    table[:, shared:] = (shared + torch.arange(n_req * own, dtype=torch.int32)).view(n_req, own)
+    ctx = torch.randint(shared * BLOCK + 1, (shared + own) * BLOCK, (n_req,), dtype=torch.int32)
+    q_lens = torch.ones(n_req, dtype=torch.int32)
+    q_lens[5] = 7  # a chunk of prefill among the decodes
+    qsl = torch.zeros(n_req + 1, dtype=torch.int32)
+    qsl[1:] = torch.cumsum(q_lens, 0)
+    n = int(qsl[-1])
+    query = torch.randn(n, heads, head_size)
+    cascade = plan_cascade(table, ctx, qsl, BLOCK)
+    assert cascade is not None and cascade.shared_tokens == (shared * BLOCK,)
+    plain = torch.empty(n, heads, head_size)
+    both = torch.empty(n, heads, head_size)
+    for out, c in ((plain, None), (both, cascade)):
+        impl.forward(None, query, None, None, kv_cache,
+                     PagedKVMetadata(n, qsl, ctx, table, cascade=c), out)
+    torch.testing.assert_close(both, plain, atol=2e-5, rtol=2e-5)
+    assert plan_cascade(table[:4], ctx[:4], qsl[:5], BLOCK) is None  # too few to pay

@@ -11,10 +11,14 @@ trick as vLLM's ROCm backend).
 
 Per step: `do_kv_cache_update` writes the new tokens' K/V with `reshape_and_cache`
 (slot -1 skips a padding token), `forward` attends with `paged_attention` (decode,
-prefill, chunked prefill and mixed batches in one call).
+prefill, chunked prefill and mixed batches in one call), or, when 16+ requests share
+256+ tokens of prefix blocks (cascade.py; PAGEDKV_VLLM_CASCADE=0 turns it off), with
+`paged_attention_lse` over the shared prefix and over each request's own blocks, merged by
+`merge_attn_states`.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from importlib import metadata
 from typing import ClassVar
@@ -29,6 +33,9 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, Att
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 import torch_pagedkv.ops as ops
+from torch_pagedkv.layers.attention import cascade_attention
+from torch_pagedkv.layers.metadata import CascadeMetadata
+from torch_pagedkv.vllm.cascade import plan_cascade
 
 # Under "vllm" so that vLLM's own log handler and level apply.
 logger = init_logger("vllm.torch_pagedkv")
@@ -138,6 +145,7 @@ class PagedKVMetadata:
     query_start_loc: torch.Tensor
     seq_lens: torch.Tensor
     block_table: torch.Tensor
+    cascade: CascadeMetadata | None = None  # requests sharing prefix blocks, if any
 
 
 class PagedKVMetadataBuilder(AttentionMetadataBuilder[PagedKVMetadata]):
@@ -147,6 +155,10 @@ class PagedKVMetadataBuilder(AttentionMetadataBuilder[PagedKVMetadata]):
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.block_size = kv_cache_spec.block_size
+        # Planned from the host block table: on CPU only (on GPU it would cost a sync).
+        self.cascade = (device.type == "cpu"
+                        and os.environ.get("PAGEDKV_VLLM_CASCADE", "1") != "0")
         cache = vllm_config.cache_config.cache_dtype
         logger.info_once("Attention by %s %s: kv cache dtype %s (%s), block size %d",
                          NAME, version(), cache, kv_cache_spec.dtype,
@@ -155,10 +167,14 @@ class PagedKVMetadataBuilder(AttentionMetadataBuilder[PagedKVMetadata]):
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> PagedKVMetadata:
         m = common_attn_metadata
+        cascade = None
+        if self.cascade:
+            cascade = plan_cascade(m.block_table_tensor, m.seq_lens, m.query_start_loc,
+                                   self.block_size)
         return PagedKVMetadata(
             num_actual_tokens=int(m.query_start_loc_cpu[m.num_reqs]),
             query_start_loc=m.query_start_loc, seq_lens=m.seq_lens,
-            block_table=m.block_table_tensor)
+            block_table=m.block_table_tensor, cascade=cascade)
 
 
 class PagedKVImpl(AttentionImpl[PagedKVMetadata]):
@@ -218,9 +234,15 @@ class PagedKVImpl(AttentionImpl[PagedKVMetadata]):
         m = attn_metadata
         n = m.num_actual_tokens
         key_cache, value_cache = self._caches(kv_cache)
-        out = ops.paged_attention(query[:n], key_cache, value_cache, m.block_table,
-                                  m.seq_lens, m.query_start_loc, self.scale,
-                                  self.alibi_slopes, self.sliding_window, self.softcap,
-                                  *self._scales(layer))
+        k_scale, v_scale = self._scales(layer)
+        if m.cascade is not None and self.alibi_slopes is None and self.sliding_window <= 0:
+            out = cascade_attention(query[:n], key_cache, value_cache, m.cascade,
+                                    scale=self.scale, softcap=self.softcap,
+                                    k_scale=k_scale, v_scale=v_scale)
+        else:
+            out = ops.paged_attention(query[:n], key_cache, value_cache, m.block_table,
+                                      m.seq_lens, m.query_start_loc, self.scale,
+                                      self.alibi_slopes, self.sliding_window, self.softcap,
+                                      k_scale, v_scale)
         output[:n].copy_(out)
         return output
