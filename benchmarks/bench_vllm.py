@@ -14,6 +14,9 @@ once and are timed in interleaved rounds (order alternating), so the machine's d
 hits both; the ratio is the median over rounds of per-round ratios.
 Then our engine (torch_pagedkv.engine.LLM, TinyLlama of the same shape, block size 16,
 cascade by its default) on the same workloads, interleaved with vLLM CPU_ATTN.
+Profile: once per backend and workload, the workers time every attention layer's KV
+write and attention call (their impl methods, wrapped through collective_rpc) against the
+run's wall time: how much of a step the backends can differ by.
 
     .venv-vllm/bin/python -m benchmarks.bench_vllm [--rounds N] [--decode N]
         [--dtypes float32,bfloat16] [--write-results]        (make bench-vllm)
@@ -32,6 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc(fn)
 
 BLOCK_SIZE = 32
 VOCAB = 8192
@@ -75,6 +79,42 @@ class VllmRunner:
 
     def close(self) -> None:
         self.llm.llm_engine.engine_core.shutdown()
+
+
+def _time_attention(worker) -> None:
+    """In a worker: wrap each attention impl's KV write and forward with a timer."""
+    import time as t
+    worker.attention_s = 0.0
+    for m in worker.model_runner.model.modules():
+        impl = getattr(m, "impl", None)
+        if impl is None or getattr(impl, "_timed", False):
+            continue
+        impl._timed = True
+        for name in ("forward", "do_kv_cache_update"):
+            def timed(*a, _f=getattr(impl, name), **k):
+                t0 = t.perf_counter()
+                try:
+                    return _f(*a, **k)
+                finally:
+                    worker.attention_s += t.perf_counter() - t0
+            setattr(impl, name, timed)
+
+
+def _take_attention_s(worker) -> float:
+    s, worker.attention_s = worker.attention_s, 0.0
+    return s
+
+
+def profile(runner: VllmRunner, loads, decode: int) -> dict:
+    """{workload: (wall s, attention s)} of one full run each."""
+    runner.llm.collective_rpc(_time_attention)
+    out = {}
+    for w, prompts in loads.items():
+        runner.llm.collective_rpc(_take_attention_s)
+        t = time.perf_counter()
+        runner.generate(prompts, decode)
+        out[w] = (time.perf_counter() - t, runner.llm.collective_rpc(_take_attention_s)[0])
+    return out
 
 
 class EngineRunner:
@@ -156,7 +196,7 @@ def main(argv=None) -> int:
         print("bench_vllm needs the vLLM environment: make bench-vllm")
         return 0
     loads = workloads()
-    backend_results, engine_results = {}, {}
+    backend_results, engine_results, profiles = {}, {}, {}
     with tempfile.TemporaryDirectory() as path:
         save_checkpoint(path)
         for dtype in args.dtypes.split(","):
@@ -164,6 +204,7 @@ def main(argv=None) -> int:
             runners = [VllmRunner(path, "CUSTOM", dtype), VllmRunner(path, "CPU_ATTN", dtype)]
             try:
                 backend_results[dtype] = compare(runners, loads, args.rounds, args.decode)
+                profiles[dtype] = {r.name: profile(r, loads, args.decode) for r in runners}
                 if not args.skip_engine:
                     print(f"== {dtype}: torch_pagedkv engine vs vLLM CPU_ATTN", flush=True)
                     engine_results[dtype] = compare([EngineRunner(dtype), runners[1]], loads,
@@ -177,6 +218,15 @@ def main(argv=None) -> int:
             "rounds; ratios are medians of per-round ratios).\n\n"
             "Inside vLLM, only the attention backend differs:\n\n"
             + table(backend_results, ("vLLM CUSTOM", "vLLM CPU_ATTN"), args.decode))
+    body += ("\n\nProfile (one full run each, after the rounds): time in the attention "
+             "layers' KV writes + attention calls, as the workers measured it, of the run's "
+             "wall time:\n\n| dtype | workload | backend | run s | attention s | share |\n"
+             + "|---" * 6 + "|\n")
+    for dtype, per_runner in profiles.items():
+        for name, per_w in per_runner.items():
+            for w, (wall, attn) in per_w.items():
+                body += (f"| {dtype} | {w} | {name} | {wall:.2f} | {attn:.2f} | "
+                         f"{attn / wall:.0%} |\n")
     if engine_results:
         body += ("\n\nOur engine (torch_pagedkv.engine.LLM, block size 16) vs vLLM CPU_ATTN "
                  f"(block size {BLOCK_SIZE}):\n\n"
