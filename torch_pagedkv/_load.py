@@ -59,7 +59,9 @@ def _read_beside(here: str, name: str) -> str | None:
 
 
 def load() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
+    # PAGEDKV_LIBRARY_DIR: a library built elsewhere, e.g. against the vLLM test
+    # environment's torch (make test-vllm), while the checkout's own is for the main one.
+    here = os.environ.get("PAGEDKV_LIBRARY_DIR") or os.path.dirname(os.path.abspath(__file__))
     found = sorted(glob.glob(os.path.join(here, "_C*.so")) + glob.glob(os.path.join(here, "_C*.pyd")))
     if not found:
         raise ImportError(
