@@ -19,11 +19,11 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import types
 from collections.abc import Iterator
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
-from torch import Tensor
 
 from . import _load, knobs, ops
 
@@ -86,45 +86,17 @@ def _sync_knobs() -> None:
 
 
 
-def reshape_and_cache(key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor,
-                      slot_mapping: Tensor, k_scale: Optional[Tensor] = None,
-                      v_scale: Optional[Tensor] = None) -> None:
-    _ops.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
-
-
-def paged_attention(query: Tensor, key_cache: Tensor, value_cache: Tensor, block_table: Tensor,
-                    seq_lens: Tensor, query_start_loc: Tensor, scale: float,
-                    alibi_slopes: Optional[Tensor] = None, sliding_window: int = -1,
-                    softcap: float = 0.0, k_scale: Optional[Tensor] = None,
-                    v_scale: Optional[Tensor] = None) -> Tensor:
-    return _ops.paged_attention(query, key_cache, value_cache, block_table, seq_lens,
-                                query_start_loc, scale, alibi_slopes, sliding_window, softcap,
-                                k_scale, v_scale)
-
-
-def paged_attention_lse(query: Tensor, key_cache: Tensor, value_cache: Tensor,
-                        block_table: Tensor, seq_lens: Tensor, query_start_loc: Tensor,
-                        scale: float, alibi_slopes: Optional[Tensor] = None,
-                        sliding_window: int = -1, softcap: float = 0.0,
-                        k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None,
-                        causal: bool = True) -> tuple[Tensor, Tensor]:
-    return _ops.paged_attention_lse(query, key_cache, value_cache, block_table, seq_lens,
-                                    query_start_loc, scale, alibi_slopes, sliding_window,
-                                    softcap, k_scale, v_scale, causal)
-
-
-def merge_attn_states(out_a: Tensor, lse_a: Tensor, out_b: Tensor,
-                      lse_b: Tensor) -> tuple[Tensor, Tensor]:
-    return _ops.merge_attn_states(out_a, lse_a, out_b, lse_b)
-
-
-def copy_blocks(key_caches: Sequence[Tensor], value_caches: Sequence[Tensor],
-                block_mapping: Tensor) -> None:
-    _ops.copy_blocks(list(key_caches), list(value_caches), block_mapping)
-
-
-def swap_blocks(src: Tensor, dst: Tensor, block_mapping: Tensor) -> None:
-    _ops.swap_blocks(src, dst, block_mapping)
+def _on_emulator(wrapper):
+    """ops.py's typed wrapper `wrapper`, calling torch.ops.pagedkv_simt instead of
+    torch.ops.pagedkv: the same code, so the same argument names, order, defaults and
+    return values, by construction."""
+    emulated = types.FunctionType(wrapper.__code__, {**wrapper.__globals__, "_ops": _ops},
+                                  wrapper.__name__, wrapper.__defaults__, wrapper.__closure__)
+    emulated.__kwdefaults__ = wrapper.__kwdefaults__
+    emulated.__doc__ = f"{wrapper.__doc__}\n\n(Run by the CUDA backend on the SIMT emulator.)"
+    emulated.__annotations__ = wrapper.__annotations__
+    emulated.__module__ = __name__
+    return emulated
 
 
 # ---- the emulator's own controls ----
@@ -173,3 +145,10 @@ def reset_counters() -> None:
 
 _ops = torch.ops.pagedkv_simt
 _load_library()
+
+reshape_and_cache = _on_emulator(ops.reshape_and_cache)
+paged_attention = _on_emulator(ops.paged_attention)
+paged_attention_lse = _on_emulator(ops.paged_attention_lse)
+merge_attn_states = _on_emulator(ops.merge_attn_states)
+copy_blocks = _on_emulator(ops.copy_blocks)
+swap_blocks = _on_emulator(ops.swap_blocks)
