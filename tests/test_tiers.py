@@ -238,19 +238,26 @@ def test_a_file_of_another_model_under_this_models_name_is_a_miss(model, tmp_pat
 
 @pytest.mark.parametrize("error", [errno.EACCES, errno.EROFS, errno.ENOSPC],
                          ids=["permission", "read-only file system", "disk full"])
-def test_an_unwritable_directory_stores_nothing_with_one_warning(model, tmp_path, monkeypatch,
-                                                                 error):
+def test_a_directory_that_takes_no_write_still_serves_reads(model, tmp_path, monkeypatch,
+                                                            error):
+    """Every write fails (as in a read-only directory or a full disk): the blocks already
+    there still hit, nothing new is stored, one warning says so, the tokens are right."""
+    engine(model, disk_cache_dir=tmp_path).generate(conversations(), GREEDY, use_tqdm=False)
+    before = block_files(tmp_path)
+
     def refuse(*args, **kwargs):
         raise OSError(error, os.strerror(error))
 
-    llm = engine(model, disk_cache_dir=tmp_path)
     monkeypatch.setattr("torch_pagedkv.engine.disk_tier.os.replace", refuse)
+    prompts = conversations() + conversations(seed=3)
+    llm = roomy(model, disk_cache_dir=tmp_path)
     with pytest.warns(TierWarning, match="cannot write") as record:
-        outs = llm.generate(conversations(), GREEDY, use_tqdm=False)
+        outs = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert sum(issubclass(w.category, TierWarning) for w in record) == 1
-    want = engine(model).generate(conversations(), GREEDY, use_tqdm=False)
+    want = engine(model).generate(prompts, GREEDY, use_tqdm=False)
     assert [o.token_ids for o in outs] == [o.token_ids for o in want]
-    assert not block_files(tmp_path) and not list(Path(tmp_path).rglob("*.tmp"))
+    assert llm.stats.num_disk_hit_tokens > 0
+    assert block_files(tmp_path) == before and not list(Path(tmp_path).rglob("*.tmp"))
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only directory")
