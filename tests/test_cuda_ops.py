@@ -99,6 +99,20 @@ def test_both_kernels_every_shape(be, path, dtype, head_size, block_size):
     assert_matches(attend(batch, path), expected(batch), dtype)
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, None), (torch.bfloat16, None),
+                                               (torch.float16, torch.float8_e5m2)],
+                         ids=["fp32", "bf16", "f16-e5m2"])
+@pytest.mark.parametrize("block_size", [128, 256])
+def test_large_blocks(be, path, dtype, cache_dtype, block_size):
+    """vLLM's CPU default of 128-token blocks and the largest size the ops take: a
+    partition of the split-K decode is then shorter than a block, a prefill key tile lies
+    inside one block."""
+    batch = make_batch([(1, 700), (9, 300), (1, 129), (0, 4)], 8, 2, 64, block_size, dtype,
+                       cache_dtype, device=be.device, seed=block_size)
+    assert_matches(attend(batch, path), expected(batch), dtype)
+
+
 @pytest.mark.simt_sample(4)
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
