@@ -253,14 +253,15 @@ bool complete_warp_ops(Cta& c, bool* progress) {
       Thread& t = warp[l];
       if (t.state != State::kWarp) continue;
       const unsigned m = t.mask;
-      const std::string op = describe_wait(t);
+      // What the error messages call this call (built only for an error: it is costly).
+      auto op = [&t] { return describe_wait(t); };
       if (!(m >> l & 1u))
-        return fail_cta(c, where(c, &t) + ": " + op + " is called by a lane outside its mask");
+        return fail_cta(c, where(c, &t) + ": " + op() + " is called by a lane outside its mask");
       if (lanes < 32 && (m >> lanes) != 0)
-        return fail_cta(c, where(c, &t) + ": " + op + " names lanes past the end of the CTA (" +
+        return fail_cta(c, where(c, &t) + ": " + op() + " names lanes past the end of the CTA (" +
                                std::to_string(lanes) + " threads in this warp)");
       if (t.width < 1 || t.width > 32 || (t.width & (t.width - 1)))
-        return fail_cta(c, where(c, &t) + ": " + op + ": width must be a power of 2 in [1, 32]");
+        return fail_cta(c, where(c, &t) + ": " + op() + ": width must be a power of 2 in [1, 32]");
       bool ready = true;
       for (int j = 0; j < lanes && ready; ++j) {
         if (!(m >> j & 1u)) continue;
@@ -269,7 +270,7 @@ bool complete_warp_ops(Cta& c, bool* progress) {
         else if (o.state != State::kWarp || o.kind != t.kind || o.mask != t.mask ||
                  o.width != t.width || o.line != t.line || std::strcmp(o.file, t.file) != 0)
           return fail_cta(c, where(c, &t) + ": lanes of warp " + std::to_string(w0 / 32) +
-                                 " disagree at " + op + ": lane " + std::to_string(j) +
+                                 " disagree at " + op() + ": lane " + std::to_string(j) +
                                  " is at " + describe_wait(o) + census(c));
       }
       if (!ready) continue;
@@ -292,7 +293,7 @@ bool complete_warp_ops(Cta& c, bool* progress) {
         if (!in) src = lane;
         if (d.kind != Shfl::kSyncwarp) {
           if (src >= unsigned(lanes) || !(m >> src & 1u))
-            return fail_cta(c, where(c, &d) + ": " + op + " reads lane " + std::to_string(src) +
+            return fail_cta(c, where(c, &d) + ": " + op() + " reads lane " + std::to_string(src) +
                                    ", which is not in the mask (undefined on the GPU)");
           d.result = warp[src].value;
         }
