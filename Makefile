@@ -29,7 +29,8 @@ SOURCES := $(sort $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h'
 # seconds. PAGEDKV_BUILD_CACHE=0 (CI) always compiles.
 PAGEDKV_BUILD_CACHE ?= 1
 space := $(subst ,, )
-BUILD_KEY := $(shell cat $(SOURCES) | sha256sum | cut -c1-16)-$(REQ_HASH)-$(PAGEDKV_CUDA)-simt$(PAGEDKV_SIMT)-$(PAGEDKV_CPU_ISA)-$(subst ;,_,$(subst $(space),_,$(TORCH_CUDA_ARCH_LIST)))
+SRC_HASH := $(shell cat $(SOURCES) | sha256sum | cut -c1-16)
+BUILD_KEY := $(SRC_HASH)-$(REQ_HASH)-$(PAGEDKV_CUDA)-simt$(PAGEDKV_SIMT)-$(PAGEDKV_CPU_ISA)-$(subst ;,_,$(subst $(space),_,$(TORCH_CUDA_ARCH_LIST)))
 LIB_CACHE := $(ENV_CACHE)/lib-$(BUILD_KEY)
 
 .PHONY: env build build-test run test bench clean env-vllm build-vllm test-vllm bench-vllm
@@ -97,7 +98,7 @@ VLLM_REQ := requirements-vllm.txt
 VLLM_HASH := $(shell cat $(VLLM_REQ) | sha256sum | cut -c1-16)
 VLLM_ENV := $(ENV_CACHE)/venv-vllm-$(VLLM_HASH)
 VLLM_PY := .venv-vllm/bin/python
-VLLM_BUILD_KEY := $(shell cat $(SOURCES) | sha256sum | cut -c1-16)-$(VLLM_HASH)-$(PAGEDKV_CPU_ISA)
+VLLM_BUILD_KEY := $(SRC_HASH)-$(VLLM_HASH)-$(PAGEDKV_CPU_ISA)
 VLLM_LIB_CACHE := $(ENV_CACHE)/lib-vllm-$(VLLM_BUILD_KEY)
 VLLM_LIB := build/vllm/lib/torch_pagedkv
 VLLM_STAMP := build/vllm/lib-$(VLLM_BUILD_KEY).stamp
