@@ -28,7 +28,10 @@ def calls_of(name: str) -> set[str]:
 
 
 def test_one_place_writes_and_attends():
-    assert calls_of("reshape_and_cache") == calls_of("paged_attention") == {"layers/attention.py"}
+    """The engine's layer, and the vLLM backend, which vLLM drives through two hooks (the KV
+    update and the attention are separate calls there)."""
+    assert calls_of("reshape_and_cache") == calls_of("paged_attention") == \
+        {"layers/attention.py", "vllm/backend.py"}
     # Cascade attention lives beside it: write_and_attend's cascade_attention.
     assert calls_of("paged_attention_lse") == calls_of("merge_attn_states") == \
         {"layers/attention.py"}
