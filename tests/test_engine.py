@@ -14,7 +14,7 @@ import torch
 
 from dense_llama import greedy_reference
 from torch_pagedkv.engine import LLM, SamplingParams
-from torch_pagedkv.engine.llm import _is_hf_model
+from torch_pagedkv.engine.model_source import is_hf_model
 from torch_pagedkv.engine.request import SequenceStatus
 from torch_pagedkv.models import LlamaConfig, TinyLlama
 
@@ -334,7 +334,7 @@ def test_bad_requests_are_rejected_with_a_reason(model):
 def test_hugging_face_models_are_detected_without_importing_transformers():
     base = type("PreTrainedModel", (torch.nn.Module,), {"__module__": "transformers.modeling_utils"})
     hf_like = type("LlamaForCausalLM", (base,), {"__module__": "transformers.models.llama"})
-    assert _is_hf_model(hf_like()) and not _is_hf_model(TinyLlama(CFG))
+    assert is_hf_model(hf_like()) and not is_hf_model(TinyLlama(CFG))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -1,4 +1,5 @@
-"""The package's shape: one place writes and attends, and `import torch_pagedkv` is light."""
+"""The package's shape: one place writes and attends, its imports only point down, and
+`import torch_pagedkv` is light."""
 import ast
 import pathlib
 import subprocess
@@ -35,6 +36,86 @@ def test_one_place_writes_and_attends():
     # Cascade attention lives beside it: write_and_attend's cascade_attention.
     assert calls_of("paged_attention_lse") == calls_of("merge_attn_states") == \
         {"layers/attention.py"}
+
+
+def module_name(path: pathlib.Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """{module: the package's modules it imports}, from every import statement in the
+    file, at module level or inside a function (a deferred import is still a dependency).
+    `from .a import b` points at module a.b when that is a module, else at a; an import
+    of a package points at its __init__ (the parents a submodule import runs are not
+    counted)."""
+    files = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {m: set() for m in files}
+    for mod, path in files.items():
+        package = mod.split(".") if path.name == "__init__.py" else mod.split(".")[:-1]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package[:len(package) - node.level + 1] + [base]).rstrip(".")
+                targets = [f"{base}.{a.name}" for a in node.names]
+            else:
+                continue
+            for t in targets:
+                while t and t not in files:
+                    t = t.rpartition(".")[0]
+                if t and t != mod:
+                    graph[mod].add(t)
+    return graph
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while component[-1:] != [v]:
+                component.append(stack.pop())
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return circles
+
+
+def test_import_graph_finds_edges_both_ways():
+    """The check sees what it must: a deferred (function-level) import, a relative
+    `from .. import`, and a package's __init__ (so an empty result below means something)."""
+    graph = import_graph()
+    assert "torch_pagedkv.distributed" in graph["torch_pagedkv.engine.llm"]  # in __init__
+    assert "torch_pagedkv.engine.model_source" in graph["torch_pagedkv.distributed.tensor_parallel"]
+    assert "torch_pagedkv._load" in graph["torch_pagedkv.tuning.table"]
+    assert "torch_pagedkv.tuning.table" in graph["torch_pagedkv._launch_configs"]
+    assert import_circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_imports_only_point_down():
+    """No circle of imports between the package's modules: the engine builds on
+    distributed/ (which is handed the engine class rather than importing it) and the
+    library loader (_load.py) imports nothing of the package above it."""
+    assert import_circles(import_graph()) == []
 
 
 LIGHT_IMPORT = """

@@ -6,7 +6,7 @@ the CUDA tuning tools load on first use (`torch_pagedkv.engine`, ...).
 """
 import importlib
 
-from . import ops, reference
+from . import _launch_configs, ops, reference  # noqa: F401  (_launch_configs: registers)
 from ._load import HAS_CUDA_KERNELS
 from .cache import BlockManager, BlockTable, NoFreeBlocksError, StepPlanner
 from .cache.kv_cache import KVCache

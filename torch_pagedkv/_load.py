@@ -1,5 +1,6 @@
-"""Loads the compiled op library (torch_pagedkv/_C*.so) with torch.ops.load_library, and
-gives the CUDA launch-config table its lazy loader."""
+"""Loads the compiled op library (torch_pagedkv/_C*.so) with torch.ops.load_library.
+The bottom layer: it imports nothing of the package (the CUDA launch-config table's
+loader is registered one layer up, in _launch_configs.py)."""
 from __future__ import annotations
 
 import glob
@@ -76,16 +77,5 @@ def load() -> str:
     return path
 
 
-def _install_launch_configs() -> None:
-    """The kernel of pagedkv::_install_launch_configs, which the C++ launch-config table
-    runs once, at its first use (csrc/cuda/launch_config.cpp): the JSON is read then, not
-    at import, and only by processes that launch CUDA kernels."""
-    from .tuning import table
-    table.install()
-
-
 LIBRARY_PATH = load()
 HAS_CUDA_KERNELS = torch._C._dispatch_has_kernel_for_dispatch_key("pagedkv::paged_attention", "CUDA")
-if HAS_CUDA_KERNELS:
-    _LIB = torch.library.Library("pagedkv", "IMPL")
-    _LIB.impl("_install_launch_configs", _install_launch_configs, "CompositeExplicitAutograd")

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..engine.llm import load_model
+from ..engine.model_source import load_model
 from ..engine.model_runner import ModelRunner, PlannedStep
 from . import launch
 from .launch import WorkerFailure, Workers
@@ -99,8 +99,11 @@ class TensorParallel:
 
     @classmethod
     def start(cls, source: ModelSource, world: int, device: Optional[str],
-              engine_args: dict) -> "TensorParallel":
-        """Validate, build this rank's model, start (or join) the other ranks, shard."""
+              engine_args: dict, engine: Callable[..., Any]) -> "TensorParallel":
+        """Validate, build this rank's model, start (or join) the other ranks, shard.
+        `engine` is the engine class (picklable by name) that each spawned worker builds
+        from the same arguments: the caller hands it down, so this layer never imports
+        the engine above it."""
         if not isinstance(world, int) or world < 1:
             raise ValueError(f"tensor_parallel_size must be an int >= 1, got {world!r}")
         check_source(source, world)
@@ -135,7 +138,7 @@ class TensorParallel:
             model = model.to(launch.local_device("cuda", 0))
         check_divisible(world, *model_geometry(model))
         from .worker import run_worker
-        workers = Workers(world, run_worker, (device_type, source, engine_args))
+        workers = Workers(world, run_worker, (device_type, source, engine_args, engine))
         try:
             workers.join_group(launch.backend_for(device_type))
             tp = cls(0, world, model, tokenizer, workers, True, launch.plan_group())

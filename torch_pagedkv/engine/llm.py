@@ -30,6 +30,7 @@ from ..cache.step_plan import ALWAYS_CASCADE, AUTO_CASCADE, CascadeRule
 from . import text
 from .admission import Checked, Limits, Prompt, check_batch, check_request
 from .model_runner import ModelRunner
+from .model_source import is_hf_model, load_model, model_device
 from .request import Request, RequestOutput, Sequence
 from .sampling import SamplingParams
 from .scheduler import Scheduler, SchedulerOutput
@@ -41,42 +42,6 @@ from .tiered_cache import TieredCache
 DEFAULT_MEMORY_BYTES = 512 * 2**20
 DEFAULT_SWAP_BYTES = 4 * 2**30  # at most; never more than the KV cache itself
 PREEMPTION_MODES = ("recompute", "swap")
-
-
-def _is_hf_model(model) -> bool:
-    """A transformers PreTrainedModel, detected without importing transformers."""
-    return any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers")
-               for c in type(model).__mro__)
-
-
-def _model_device(model) -> torch.device:
-    dev = getattr(model, "device", None)
-    if isinstance(dev, torch.device):
-        return dev
-    params = getattr(model, "parameters", None)
-    if params is not None:
-        for p in params():
-            return p.device
-    return torch.device("cpu")
-
-
-def load_model(source, device: Optional[torch.device]) -> tuple[Any, Any]:
-    """A model given by source: a local checkpoint path (loaded on the CPU, files only)
-    or a builder (a callable returning the model). Returns (the model, adapted to a
-    PagedModel when it is a Hugging Face one, on `device` unless that is None; the
-    checkpoint's tokenizer or None)."""
-    tokenizer = None
-    if isinstance(source, (str, os.PathLike)):
-        from .checkpoint import load_checkpoint
-        model, tokenizer = load_checkpoint(source)
-    else:
-        model = source()
-    if _is_hf_model(model):
-        from ..integrations.hf import as_paged_model
-        model = as_paged_model(model)  # refuses a model it cannot route
-    if device is not None and _model_device(model) != device:
-        model = model.to(device)
-    return model, tokenizer
 
 
 def _cascade_rule(enable_cascade: Optional[bool]) -> Optional[CascadeRule]:
@@ -174,7 +139,8 @@ class LLM:
         self.tp = None  # the ranks of a tensor-parallel engine (distributed/)
         if tensor_parallel_size != 1:
             from ..distributed import TensorParallel
-            self.tp = TensorParallel.start(model, tensor_parallel_size, device, engine_args)
+            self.tp = TensorParallel.start(model, tensor_parallel_size, device, engine_args,
+                                           engine=LLM)
             model = self.tp.model  # this rank's shard
             tokenizer = self.tp.tokenizer if tokenizer is None else tokenizer
         elif isinstance(model, (str, os.PathLike)) or (
@@ -205,14 +171,14 @@ class LLM:
                                           and hasattr(tokenizer, "decode")):
             raise TypeError(f"tokenizer must have encode() and decode(), got "
                             f"{type(tokenizer).__name__}")
-        if _is_hf_model(model):
+        if is_hf_model(model):
             from ..integrations.hf import as_paged_model
             model = as_paged_model(model)  # refuses a model it cannot route
         if num_blocks is None and memory_bytes is None:
             memory_bytes = DEFAULT_MEMORY_BYTES
         self.model = model
         self.tokenizer = tokenizer
-        self.device = _model_device(model)
+        self.device = model_device(model)
         self.kv_cache = KVCache(model.num_layers, model.num_kv_heads, model.head_size,
                                 block_size, num_blocks=num_blocks, memory_bytes=memory_bytes,
                                 dtype=cache_dtype or model.dtype, device=self.device)
