@@ -25,10 +25,9 @@ from typing import Optional
 
 import torch
 
-from . import _load, knobs, ops
+from . import _load, knobs, ops  # noqa: F401  (_load: torch.ops.pagedkv, whose knobs are copied)
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-ORDERS = ("random", "forward", "reverse")
 
 
 def _library() -> Optional[str]:
@@ -82,8 +81,6 @@ def _sync_knobs() -> None:
         value = main(name, _KNOB_DEFAULTS[name])
         main(name, value)
         emulated(name, value)
-
-
 
 
 def _on_emulator(wrapper):
