@@ -54,8 +54,7 @@ def configs(be):
 
     def use(head_size, cache_dtype, block_size, **changes):
         name = str(cache_dtype).removeprefix("torch.")
-        d, p, f, w, _ = be.ns._launch_config("<no gpu: heuristic>", head_size, name, block_size)
-        base = LaunchConfig(d, p, f, w)
+        base = table.heuristic(head_size, name, block_size, be.ns)
         cfg = LaunchConfig(**{**base.__dict__, **changes})
         table.apply([Entry(gpu, head_size, name, block_size, cfg)], be.ns)
     yield use

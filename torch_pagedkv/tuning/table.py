@@ -166,18 +166,22 @@ def apply(entries: list[Entry], ops=None) -> int:
     return len(entries)
 
 
-def lookup(gpu: str, head_size: int, dtype: str, block_size: int) -> tuple[LaunchConfig, bool]:
+def lookup(gpu: str, head_size: int, dtype: str, block_size: int,
+           ops=None) -> tuple[LaunchConfig, bool]:
     """The config a launch on `gpu` uses for this key, and whether it came from the table
-    (else it is the C++ heuristic). Needs a CUDA build of the kernels, not a GPU."""
-    if not HAS_CUDA_KERNELS:
-        raise RuntimeError("torch_pagedkv was built without CUDA kernels: no launch configs")
-    d, p, f, w, from_table = torch.ops.pagedkv._launch_config(gpu, head_size, dtype, block_size)
+    (else it is the C++ heuristic). Needs a CUDA build of the kernels, not a GPU; `ops`
+    as for apply()."""
+    if ops is None:
+        if not HAS_CUDA_KERNELS:
+            raise RuntimeError("torch_pagedkv was built without CUDA kernels: no launch configs")
+        ops = torch.ops.pagedkv
+    d, p, f, w, from_table = ops._launch_config(gpu, head_size, dtype, block_size)
     return LaunchConfig(d, p, f, w), bool(from_table)
 
 
-def heuristic(head_size: int, dtype: str, block_size: int) -> LaunchConfig:
+def heuristic(head_size: int, dtype: str, block_size: int, ops=None) -> LaunchConfig:
     """The C++ fallback for keys the table lacks."""
-    return lookup("<no gpu: heuristic>", head_size, dtype, block_size)[0]
+    return lookup("<no gpu: heuristic>", head_size, dtype, block_size, ops)[0]
 
 
 def install(ops=None) -> int:
