@@ -538,3 +538,21 @@ def test_a_full_block_of_non_int64_tokens_is_rejected():
     with pytest.raises(ValueError, match="int64"):
         bm.allocate("a", [1, 2, 3, 2**63, 5])
     assert "a" not in bm and bm.num_free_blocks == 10
+
+
+def test_reset_prefix_cache_forgets_every_cached_block_but_only_when_idle():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    bm.allocate("a", toks(0, 9))
+    bm.commit("a", 9)
+    assert not bm.reset_prefix_cache()  # "a" holds blocks: refused, nothing dropped
+    bm.free("a")
+    bm.allocate("b", toks(0, 9))
+    assert bm.num_committed_tokens("b") == 8
+    bm.free("b")
+    assert bm.reset_prefix_cache() and bm.num_free_blocks == 8
+    bm.allocate("c", toks(0, 9))
+    assert bm.num_committed_tokens("c") == 0  # computed again
+    bm.commit("c", 9)
+    bm.free("c")
+    bm.allocate("d", toks(0, 9))  # and cached again after its commit
+    assert bm.num_committed_tokens("d") == 8

@@ -85,6 +85,18 @@ def test_prefix_caching_on_and_off_give_identical_tokens(model, reference):
     assert on.stats.num_prefill_tokens == off.stats.num_prefill_tokens - 7 * 4 * BLOCK
 
 
+def test_reset_prefix_cache_makes_the_next_run_compute_everything(model, reference):
+    llm = engine(model)
+    first = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert llm.generate(PROMPTS, GREEDY, use_tqdm=False)[0].metrics.num_cached_tokens > 0
+    assert llm.reset_prefix_cache()
+    again = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert [o.token_ids for o in again] == [o.token_ids for o in first] == reference
+    assert again[0].metrics.num_cached_tokens == 0
+    llm.add_request(PROMPTS[0], GREEDY)
+    assert not llm.reset_prefix_cache()  # a request is unfinished: refused
+
+
 def test_chunked_prefill_on_and_off_give_identical_tokens(model, reference):
     chunked = engine(model, max_num_batched_tokens=16)
     tokens, steps = run(chunked, PROMPTS, GREEDY)

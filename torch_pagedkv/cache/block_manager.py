@@ -362,6 +362,18 @@ class BlockManager:
         for bid in reversed(seq.block_ids):  # tail first: evicted before head
             self._release(bid)
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block (as vLLM's ``reset_prefix_cache``): later prompts
+        find no prefix and compute it again. Refused (False, nothing changed) while
+        any sequence holds blocks, since its blocks' hashes are what it would share;
+        True once the cache is empty. Tier copies (host, disk) are kept."""
+        if self._seqs:
+            return False
+        for blk in self._blocks:
+            blk.hash = blk.token_ids = blk.parent_hash = blk.extra = None
+        self._cached.clear()
+        return True
+
     def take_copies(self) -> list[tuple[int, int]]:
         """Pending copy-on-write ``(src, dst)`` pairs; the queue is emptied.
 
