@@ -10,6 +10,30 @@ from torch import nn
 from torch_pagedkv.layers import packed_linear as pl
 
 pytestmark = pytest.mark.skipif(not pl.available(), reason="this torch cannot pack for oneDNN")
+
+
+@pytest.fixture(autouse=True)
+def two_threads():
+    """float32 runs packed only with 2+ threads (one thread: aten's, measured faster)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_one_thread_float32_takes_aten_half_stays_packed():
+    lin32, lin16 = nn.Linear(16, 8), nn.Linear(16, 8).bfloat16()
+    pl.pack_linear_weights(nn.Sequential(lin32, lin16))
+    torch.set_num_threads(1)
+    calls = []
+    real = pl.packed_weight
+    pl.packed_weight = lambda w: calls.append(w.dtype) or real(w)
+    try:
+        with torch.inference_mode():
+            lin32(torch.randn(3, 16)), lin16(torch.randn(3, 16).bfloat16())
+    finally:
+        pl.packed_weight = real
+    assert calls == [torch.bfloat16]
 OP = torch.ops.pagedkv_cpu.linear
 # Output rounding of the dtype plus float32 accumulation over in_features <= 300.
 TOL = {torch.float32: (2e-5, 1e-5), torch.bfloat16: (1.6e-2, 1e-2), torch.float16: (2e-3, 2e-3)}

@@ -12,7 +12,8 @@ GEMM 5-7x slower than its float32 one, and oneDNN refuses to pack a bf16 weight 
 On such a CPU the packed weight is float32 (converted once) and the input is upcast per
 call. aten's kernel also accumulates a half-precision product in float32 and rounds once,
 so the values agree with aten's (all but ~0.1% of elements bit for bit; the rest one
-rounding step apart, from the summation order). The cost is memory: a float32 copy of
+rounding step apart, from the summation order). float32 runs packed only with 2+ torch
+threads (see linear()). The cost is memory: a float32 copy of
 every packed weight beside the model's own (2x a bf16 model's linear weights, 1x a
 float32 one's).
 
@@ -108,11 +109,15 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     x [..., in_features], weight [out_features, in_features], bias [out_features] or
     None, all of one dtype -> [..., out_features] in that dtype. A weight it cannot
     pack (an inference tensor, whose in-place changes nothing records; another device;
-    another dtype) takes F.linear."""
+    another dtype) takes F.linear, and so does a float32 one while torch runs one
+    thread: there aten's MKL sgemm was as fast or up to 18% faster than the packed
+    product on most shapes (torch 2.14.1, AVX2; 2 threads: packed 1.03-3x faster at
+    decode sizes), and `pagedkv demo` runs one thread."""
     if x.shape[-1] != weight.shape[-1]:
         raise RuntimeError(f"pagedkv_cpu::linear: x has {x.shape[-1]} features, "
                            f"expected weight's in_features {weight.shape[-1]}")
-    if not packable(weight) or x.device.type != "cpu" or x.numel() == 0:
+    if (not packable(weight) or x.device.type != "cpu" or x.numel() == 0
+            or (weight.dtype == torch.float32 and torch.get_num_threads() == 1)):
         return F.linear(x, weight, bias)
     entry = packed_weight(weight)
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
