@@ -21,6 +21,22 @@ def two_threads():
     torch.set_num_threads(before)
 
 
+def test_float32_prefill_sized_products_take_aten():
+    lin = nn.Linear(16, 8)
+    pl.pack_linear_weights(lin)
+    calls = []
+    real = pl.packed_weight
+    pl.packed_weight = lambda w: calls.append(w.dtype) or real(w)
+    try:
+        with torch.inference_mode():
+            for m in (pl.FLOAT32_MAX_ROWS, pl.FLOAT32_MAX_ROWS + 1):
+                x = torch.randn(m, 16)
+                torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias))
+    finally:
+        pl.packed_weight = real
+    assert calls == [torch.float32]  # the first only
+
+
 def test_one_thread_float32_takes_aten_half_stays_packed():
     lin32, lin16 = nn.Linear(16, 8), nn.Linear(16, 8).bfloat16()
     pl.pack_linear_weights(nn.Sequential(lin32, lin16))

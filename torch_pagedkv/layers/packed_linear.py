@@ -2,9 +2,10 @@
 
 aten's CPU linear multiplies by the weight in its plain [out, in] layout on every call.
 oneDNN can reorder a weight once into the blocked layout its GEMM kernels read, and
-then each call skips that work: measured on a 2-core AVX2 EPYC (benchmarks/RESULTS.md,
-"Packed linear weights"), float32 decode-sized products (2-64 rows) run 1.1-7x faster,
-prefill-sized ones (512-2048 rows) 1.0-1.4x.
+then each call skips that work. Measured on a 2-core AVX2 EPYC (benchmarks/RESULTS.md,
+"Packed linear weights"): float32 decode-sized products of the large weights (2-64
+rows; the vocabulary projection, the MLP) run 1.3-5.9x faster, prefill-sized ones no
+faster, so float32 is packed for the former only.
 
 bfloat16 and float16 gain most: a CPU without bf16/fp16 dot-product instructions (no
 AVX512-BF16, AMX or AVX-NE-CONVERT, e.g. any AVX2 machine) runs aten's half-precision
@@ -12,8 +13,9 @@ GEMM 5-7x slower than its float32 one, and oneDNN refuses to pack a bf16 weight 
 On such a CPU the packed weight is float32 (converted once) and the input is upcast per
 call. aten's kernel also accumulates a half-precision product in float32 and rounds once,
 so the values agree with aten's (all but ~0.1% of elements bit for bit; the rest one
-rounding step apart, from the summation order). float32 runs packed only with 2+ torch
-threads (see linear()). The cost is memory: a float32 copy of
+rounding step apart, from the summation order). float32 runs packed only for
+decode-sized products (up to FLOAT32_MAX_ROWS rows) and with 2+ torch threads: at
+prefill sizes aten's sgemm is as fast (see linear()). The cost is memory: a float32 copy of
 every packed weight beside the model's own (2x a bf16 model's linear weights, 1x a
 float32 one's).
 
@@ -63,6 +65,11 @@ class _Packed:
     dtype: torch.dtype  # what the packed copy computes in
 
 
+# float32 products of more rows take aten's linear. Measured (benchmarks/bench_linear.py,
+# 2 threads, AVX2): packed 1.5-5.9x faster for the vocabulary projection and 1.3-1.5x
+# for the MLP at 2-64 rows, but 0.86-1.03x at 512-2048; in the engine, float32 prefill
+# was 6-10% slower packed and decode 20-25% faster.
+FLOAT32_MAX_ROWS = 64
 _packed: dict[int, _Packed] = {}  # id(weight) -> its packed copy
 stats = {"packs": 0}  # how many times a weight was packed (tests, benchmarks)
 
@@ -109,15 +116,16 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     x [..., in_features], weight [out_features, in_features], bias [out_features] or
     None, all of one dtype -> [..., out_features] in that dtype. A weight it cannot
     pack (an inference tensor, whose in-place changes nothing records; another device;
-    another dtype) takes F.linear, and so does a float32 one while torch runs one
-    thread: there aten's MKL sgemm was as fast or up to 18% faster than the packed
-    product on most shapes (torch 2.14.1, AVX2; 2 threads: packed 1.03-3x faster at
-    decode sizes), and `pagedkv demo` runs one thread."""
+    another dtype) takes F.linear. So does a float32 one for more than
+    FLOAT32_MAX_ROWS rows, or while torch runs one thread: there aten's MKL sgemm was as
+    fast or faster (see FLOAT32_MAX_ROWS; one thread: up to 18% faster on most shapes,
+    torch 2.14.1, and `pagedkv demo` runs one thread)."""
     if x.shape[-1] != weight.shape[-1]:
         raise RuntimeError(f"pagedkv_cpu::linear: x has {x.shape[-1]} features, "
                            f"expected weight's in_features {weight.shape[-1]}")
     if (not packable(weight) or x.device.type != "cpu" or x.numel() == 0
-            or (weight.dtype == torch.float32 and torch.get_num_threads() == 1)):
+            or (weight.dtype == torch.float32 and (torch.get_num_threads() == 1
+                                                   or x.numel() > FLOAT32_MAX_ROWS * x.shape[-1]))):
         return F.linear(x, weight, bias)
     entry = packed_weight(weight)
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
