@@ -5,7 +5,9 @@ MLP 1536, vocabulary 8192) at decode-sized (2, 64) and prefill-sized (512, 2048)
 counts, float32 and bfloat16: microseconds per call of each, timed in interleaved
 rounds (medians), their ratio, and each one's GFLOP/s against the roof of this machine
 measured the same way (the best rate any product reached in the run). bfloat16's
-packed path computes in float32 where the CPU has no bf16 dot products (AVX2).
+packed path computes in float32 where the CPU has no bf16 dot products (AVX2). float32
+is timed packed at every size, though the engine packs it only up to
+packed_linear.FLOAT32_MAX_ROWS rows: this table is where that rule comes from.
 
     python -m benchmarks.bench_linear [--rounds N] [--write-results]
 """
@@ -56,6 +58,7 @@ def main(argv=None) -> int:
     if not pl.available():
         print("this torch cannot pack linear weights for oneDNN")
         return 0
+    pl.FLOAT32_MAX_ROWS = 1 << 62  # packed at every size: the data the 64-row rule is from
     torch.manual_seed(0)
     rows = []  # (dtype, layer, m, aten s, packed s, GFLOP)
     for dtype in (torch.float32, torch.bfloat16):
