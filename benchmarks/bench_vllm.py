@@ -132,14 +132,14 @@ def profile(runner: VllmRunner, loads, decode: int) -> dict:
 
 class EngineRunner:
     pids: set[int] = set()  # runs in this process
+    llm = None  # built on first use, then reused with its prefix cache reset (as vLLM's)
+
     def __init__(self, dtype: str):
         import torch
         from torch_pagedkv.engine.demo import DEMO_CONFIG
         from torch_pagedkv.models import TinyLlama
         self.name = "torch_pagedkv engine"
         self.model = TinyLlama(DEMO_CONFIG).to(getattr(torch, dtype))
-
-    llm = None  # built on first use, then reused with its prefix cache reset (as vLLM's)
 
     def generate(self, prompts, max_tokens: int) -> None:
         from torch_pagedkv.engine import LLM, SamplingParams

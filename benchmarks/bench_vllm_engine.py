@@ -59,6 +59,13 @@ def grouped(events) -> dict[str, float]:
     return out
 
 
+def summary(prof) -> dict:
+    """A finished profiler's self CPU seconds per group and its 8 costliest ops."""
+    events = prof.key_averages()
+    top = sorted(((e.self_cpu_time_total / 1e6, e.key) for e in events), reverse=True)[:8]
+    return {"groups": grouped(events), "top": top}
+
+
 def _prof_start(worker) -> None:
     import torch
     worker._pagedkv_prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
@@ -66,12 +73,8 @@ def _prof_start(worker) -> None:
 
 
 def _prof_stop(worker) -> dict:
-    p = worker._pagedkv_prof
-    p.__exit__(None, None, None)
-    rows = grouped(p.key_averages())
-    top = sorted(((e.self_cpu_time_total / 1e6, e.key) for e in p.key_averages()),
-                 reverse=True)[:8]
-    return {"groups": rows, "top": top}
+    worker._pagedkv_prof.__exit__(None, None, None)
+    return summary(worker._pagedkv_prof)
 
 
 def profile_engine(runner, prompts, max_tokens: int) -> dict:
@@ -80,9 +83,7 @@ def profile_engine(runner, prompts, max_tokens: int) -> dict:
         t = time.perf_counter()
         runner.generate(prompts, max_tokens)
         wall = time.perf_counter() - t
-    top = sorted(((e.self_cpu_time_total / 1e6, e.key) for e in p.key_averages()),
-                 reverse=True)[:8]
-    return {"wall": wall, "groups": grouped(p.key_averages()), "top": top}
+    return {"wall": wall, **summary(p)}
 
 
 def profile_vllm(runner, prompts, max_tokens: int) -> dict:
@@ -125,17 +126,15 @@ def greedy_tokens(runner, prompts, n: int) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
-def ratio_rows(results, decode: int) -> list[str]:
+def ratio_rows(results, loads, decode: int) -> list[str]:
     ours = "torch_pagedkv engine"
     lines = ["| dtype | workload | ours tok/s | vLLM bs32 tok/s | vLLM bs128 tok/s | "
              "ours / bs32 | ours / bs128 | **ours / best vLLM** | prefill s ours / bs32 / bs128 |",
              "|---" * 9 + "|"]
     for dtype, per_w in results.items():
         for w, rows in per_w.items():
-            def tok_s(r):  # new tokens per second of a whole run (prefill + decode)
-                total_s = r["prefill_s"] + (len(bv.workloads()[w]) * (decode - 1)
-                                            / r["decode_tok_s"])
-                return len(bv.workloads()[w]) * decode / total_s
+            def tok_s(r, n=len(loads[w])):  # new tokens/s of a whole run (prefill + decode)
+                return n * decode / (r["prefill_s"] + n * (decode - 1) / r["decode_tok_s"])
             per_round = [(tok_s(a), tok_s(b), tok_s(c)) for a, b, c in
                          zip(rows[ours], rows["vLLM bs32"], rows["vLLM bs128"])]
             med = [statistics.median(x[i] for x in per_round) for i in range(3)]
@@ -204,7 +203,7 @@ def main(argv=None) -> int:
             f"{args.rounds} --decode {args.decode}{' --profile' if args.profile else ''}` "
             f"({args.decode} new tokens per request; tok/s = new tokens / (prefill + decode "
             "time) of a run; medians over interleaved rounds; ratios are medians of per-round "
-            "ratios)", "", *ratio_rows(results, args.decode), "",
+            "ratios)", "", *ratio_rows(results, loads, args.decode), "",
             f"fp32 greedy tokens (varied, 8 new) identical to ours: {agree}"]
     if profiles:
         body += ["", *profile_rows(profiles), "", "Top self-CPU ops (full run):"]

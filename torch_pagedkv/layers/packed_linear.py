@@ -15,9 +15,9 @@ call. aten's kernel also accumulates a half-precision product in float32 and rou
 so the values agree with aten's (all but ~0.1% of elements bit for bit; the rest one
 rounding step apart, from the summation order). float32 runs packed only for
 decode-sized products (up to FLOAT32_MAX_ROWS rows) and with 2+ torch threads: at
-prefill sizes aten's sgemm is as fast (see linear()). The cost is memory: a float32 copy of
-every packed weight beside the model's own (2x a bf16 model's linear weights, 1x a
-float32 one's).
+prefill sizes aten's sgemm is as fast (see linear()). The cost is memory: a float32
+copy of every packed weight beside the model's own (2x a bf16 model's linear weights,
+1x a float32 one's).
 
 Use: pack_linear_weights(model) turns every nn.Linear of a CPU model into a
 PackedLinear (same parameters, state_dict and repr; only forward differs), whose
@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 HALF = (torch.bfloat16, torch.float16)
+PACKABLE = (torch.float32, *HALF)
 
 
 def available() -> bool:
@@ -72,9 +73,6 @@ class _Packed:
 FLOAT32_MAX_ROWS = 64
 _packed: dict[int, _Packed] = {}  # id(weight) -> its packed copy
 stats = {"packs": 0}  # how many times a weight was packed (tests, benchmarks)
-
-
-PACKABLE = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def packable(weight: Tensor) -> bool:
@@ -123,9 +121,8 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     if x.shape[-1] != weight.shape[-1]:
         raise RuntimeError(f"pagedkv_cpu::linear: x has {x.shape[-1]} features, "
                            f"expected weight's in_features {weight.shape[-1]}")
-    if (not packable(weight) or x.device.type != "cpu" or x.numel() == 0
-            or (weight.dtype == torch.float32 and (torch.get_num_threads() == 1
-                                                   or x.numel() > FLOAT32_MAX_ROWS * x.shape[-1]))):
+    if not packable(weight) or x.device.type != "cpu" or x.numel() == 0 or (
+            weight.dtype == torch.float32 and not _float32_packed(x.numel() // x.shape[-1])):
         return F.linear(x, weight, bias)
     entry = packed_weight(weight)
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
@@ -137,6 +134,11 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
                                              "none", [], "")
     out = out if out.dtype == x.dtype else out.to(x.dtype)
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _float32_packed(rows: int) -> bool:
+    """A float32 product of `rows` rows runs packed: decode-sized, with 2+ threads."""
+    return rows <= FLOAT32_MAX_ROWS and torch.get_num_threads() > 1
 
 
 # A plain Library impl, not torch.library.custom_op: its Python wrappers cost ~90 us a
@@ -165,8 +167,8 @@ class PackedLinear(nn.Linear):
 def pack_linear_weights(model: nn.Module) -> int:
     """Make every plain nn.Linear of model on the CPU (float32, bfloat16 or float16) a
     PackedLinear and pack its weight now (not on the first step), unless its weight is
-    an inference tensor (see packable). Subclasses of nn.Linear keep their own forward. Returns how many layers run packed; 0 when oneDNN
-    cannot pack here."""
+    an inference tensor (see packable). Subclasses of nn.Linear keep their own forward.
+    Returns how many layers run packed; 0 when oneDNN cannot pack here."""
     if not available():
         return 0
     n = 0
