@@ -7,7 +7,7 @@ rounds (medians), their ratio, and each one's GFLOP/s against the roof of this m
 measured the same way (the best rate any product reached in the run). bfloat16's
 packed path computes in float32 where the CPU has no bf16 dot products (AVX2). float32
 is timed packed at every size, though the engine packs it only up to
-packed_linear.FLOAT32_MAX_ROWS rows: this table is where that rule comes from.
+the row count the CPU tuning table holds (default 64): this table is where that default comes from.
 
     python -m benchmarks.bench_linear [--rounds N] [--write-results]
 """
@@ -58,7 +58,9 @@ def main(argv=None) -> int:
     if not pl.available():
         print("this torch cannot pack linear weights for oneDNN")
         return 0
-    pl.FLOAT32_MAX_ROWS = 1 << 62  # packed at every size: the data the 64-row rule is from
+    from torch_pagedkv.cpu_tuning import policy
+    for n, k in SHAPES.values():  # packed at every size: the data the 64-row default is from
+        policy.set_linear(torch.float32, n, k, 1 << 30)
     torch.manual_seed(0)
     rows = []  # (dtype, layer, m, aten s, packed s, GFLOP)
     for dtype in (torch.float32, torch.bfloat16):

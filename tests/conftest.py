@@ -6,6 +6,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+# The engine's CPU tuning (LLM(cpu_tuning=None) reads PAGEDKV_CPU_TUNING): tests run on
+# the documented defaults unless a test asks for a table itself (tests/test_cpu_tuning.py),
+# so no test measures for seconds or depends on this machine's table.
+os.environ.setdefault("PAGEDKV_CPU_TUNING", "off")
+
 settings.register_profile(
     "ci", deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -8,6 +8,7 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 from torch_pagedkv.layers import packed_linear as pl
+from torch_pagedkv.cpu_tuning.choices import FLOAT32_PACKED_MAX_ROWS
 
 pytestmark = pytest.mark.skipif(not pl.available(), reason="this torch cannot pack for oneDNN")
 
@@ -29,7 +30,7 @@ def test_float32_prefill_sized_products_take_aten():
     pl.packed_weight = lambda w: calls.append(w.dtype) or real(w)
     try:
         with torch.inference_mode():
-            for m in (pl.FLOAT32_MAX_ROWS, pl.FLOAT32_MAX_ROWS + 1):
+            for m in (FLOAT32_PACKED_MAX_ROWS, FLOAT32_PACKED_MAX_ROWS + 1):
                 x = torch.randn(m, 16)
                 torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias))
     finally:

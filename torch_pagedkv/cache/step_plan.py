@@ -63,6 +63,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from ..cpu_tuning.choices import CascadeChoice
 from ..layers.metadata import AttentionMetadata, CascadeMetadata
 from .block_manager import BlockManager, BlockTable
 
@@ -87,16 +88,11 @@ class CascadeRule:
                              f"got {self.min_seqs} and {self.min_shared_tokens}")
 
 
-# LLM(enable_cascade=None): where cascade starts to pay on the 2-core AVX-512 dev
-# machine. Measured (benchmarks/RESULTS.md, "Cascade attention", threshold sweep: one
-# decode step of N sequences sharing P tokens, 100-200 own tokens each, 32/8 heads,
-# head 128, block 16, 2 threads): with N >= 16 and P >= 256 cascade is 1.04-1.39x faster
-# in bf16; in fp32 it breaks even at P = 256 (0.92-1.04x) and gains 1.02-1.56x from
-# P = 512. With N <= 8 it loses in bf16 (0.70-0.97x) and with P <= 128 at almost any N
-# (0.68-1.01x): the fixed costs of two passes, two row gathers and the merge outweigh
-# the prefix re-reads, which the plain kernel finds in L3. vLLM's GPU rule is 8 requests
-# / 256 tokens; on this CPU it takes 16 sequences.
-AUTO_CASCADE = CascadeRule(min_seqs=16, min_shared_tokens=256)
+# The documented default of LLM(enable_cascade=None) (cpu_tuning/choices.py CascadeChoice,
+# where it was measured; the engine asks the CPU tuning table, which measures it on the
+# CPU that runs it). vLLM's GPU rule is 8 requests / 256 tokens.
+AUTO_CASCADE = CascadeRule(min_seqs=CascadeChoice().min_seqs,
+                           min_shared_tokens=CascadeChoice().min_shared_tokens)
 # LLM(enable_cascade=True): every group of 2+ rows sharing 1+ full blocks (tests).
 ALWAYS_CASCADE = CascadeRule(min_seqs=2, min_shared_tokens=1)
 

@@ -26,7 +26,9 @@ from tqdm.auto import tqdm
 
 from ..cache.block_manager import BlockManager
 from ..cache.kv_cache import KVCache
-from ..cache.step_plan import ALWAYS_CASCADE, AUTO_CASCADE, CascadeRule
+from ..cache.step_plan import ALWAYS_CASCADE, CascadeRule
+from ..cpu_tuning.choices import NEVER_SEQS, attention_context
+from ..cpu_tuning.resolve import CpuTuning, contexts_for_model, num_heads_of, resolve
 from ..layers import packed_linear
 from . import text
 from .admission import Checked, Limits, Prompt, check_batch, check_request
@@ -45,10 +47,21 @@ DEFAULT_SWAP_BYTES = 4 * 2**30  # at most; never more than the KV cache itself
 PREEMPTION_MODES = ("recompute", "swap")
 
 
-def _cascade_rule(enable_cascade: Optional[bool]) -> Optional[CascadeRule]:
+def _cascade_rule(enable_cascade: Optional[bool], tuned: Optional[CascadeRule]
+                  ) -> Optional[CascadeRule]:
+    """enable_cascade None: the CPU tuning table's rule (the documented default, 16+
+    sequences sharing 256+ tokens, off the CPU or with cpu_tuning="off")."""
     if enable_cascade is None:
-        return AUTO_CASCADE
+        if tuned is None:
+            from ..cpu_tuning.choices import CascadeChoice
+            d = CascadeChoice()
+            tuned = CascadeRule(d.min_seqs, d.min_shared_tokens)
+        return tuned if tuned.min_seqs < NEVER_SEQS else None
     return ALWAYS_CASCADE if enable_cascade else None
+
+
+def _heads(model) -> tuple[int, int, int]:
+    return num_heads_of(model), model.num_kv_heads, model.head_size
 
 
 @dataclass
@@ -82,7 +95,8 @@ class LLM:
     resumption, falling back to recompute while the swap space is full.
     enable_cascade: shared-prefix (cascade) attention for running sequences whose block
     tables start with the same blocks. None: when the planner finds a group worth it
-    (cache/step_plan.py AUTO_CASCADE, measured); True: every group of 2+ sequences sharing
+    by the CPU tuning table's rule (see cpu_tuning; default 16+ sequences sharing 256+
+    tokens, also on CUDA); True: every group of 2+ sequences sharing
     1+ full blocks; False: never.
     tensor_parallel_size: N > 1 splits the model's heads and MLP columns over N ranks
     (torch.distributed: gloo on CPU, NCCL on CUDA with one GPU per rank; distributed/).
@@ -109,6 +123,13 @@ class LLM:
     dot products, at the memory of a float32 copy of the weights). It changes the
     model's nn.Linear modules in place (to PackedLinear: same parameters, any other
     caller gets the packed path too); num_packed_linears counts them.
+    cpu_tuning ("auto", "off" or a path; None: $PAGEDKV_CPU_TUNING, else "auto") picks
+    every CPU-side performance choice of a CPU model (which linear products run packed,
+    the attention kernels' ISA variant and tiling, the cascade rule) from the CPU tuning
+    table of this machine (torch_pagedkv/cpu_tuning): "auto" reads the table cached for
+    this CPU identity and measures what it lacks (at most 20 s, one progress line),
+    a path does the same with that file, "off" takes the documented defaults. No choice
+    changes results beyond float rounding order. llm.cpu_tuning says what is in force.
     """
 
     def __init__(self, model, num_blocks: Optional[int] = None, *,
@@ -125,7 +146,8 @@ class LLM:
                  host_cache_bytes: Optional[int] = None,
                  disk_cache_dir: Union[str, os.PathLike, None] = None,
                  disk_cache_bytes: Optional[int] = None,
-                 pack_linear_weights: Optional[bool] = None) -> None:
+                 pack_linear_weights: Optional[bool] = None,
+                 cpu_tuning: Union[str, os.PathLike, None] = None) -> None:
         # Every rank of a tensor-parallel engine builds it from the same arguments.
         engine_args = {k: v for k, v in locals().items()
                        if k not in ("self", "model", "tokenizer", "tensor_parallel_size", "device")}
@@ -170,7 +192,7 @@ class LLM:
                enable_prefix_caching, enable_chunked_prefill, max_num_batched_tokens,
                max_num_seqs, max_model_len, cache_dtype, compile, compile_backend, cuda_graphs,
                preemption_mode, swap_space_bytes, enable_cascade, host_cache_bytes,
-               disk_cache_dir, disk_cache_bytes, pack_linear_weights) -> None:
+               disk_cache_dir, disk_cache_bytes, pack_linear_weights, cpu_tuning) -> None:
         """Everything after the model is known: cache, scheduler, runner."""
         if isinstance(tokenizer, (str, os.PathLike)):
             from .checkpoint import load_tokenizer
@@ -182,6 +204,15 @@ class LLM:
         if is_hf_model(model):
             from ..integrations.hf import as_paged_model
             model = as_paged_model(model)  # refuses a model it cannot route
+        cache_dtype = cache_dtype or model.dtype
+        self.cpu_tuning: Optional[CpuTuning] = None
+        tuned_cascade = None
+        if model_device(model).type == "cpu":
+            self.cpu_tuning = resolve(cpu_tuning, contexts_for_model(
+                model, cache_dtype, block_size, cascade=enable_cascade is None))
+            self.cpu_tuning.apply()
+            tuned_cascade = self.cpu_tuning.cascade_rule(attention_context(
+                "cascade", cache_dtype, *_heads(model), block_size))
         self.num_packed_linears = 0
         if pack_linear_weights or (pack_linear_weights is None
                                    and model_device(model).type == "cpu"):
@@ -193,7 +224,7 @@ class LLM:
         self.device = model_device(model)
         self.kv_cache = KVCache(model.num_layers, model.num_kv_heads, model.head_size,
                                 block_size, num_blocks=num_blocks, memory_bytes=memory_bytes,
-                                dtype=cache_dtype or model.dtype, device=self.device)
+                                dtype=cache_dtype, device=self.device)
         self.tiers: Optional[TieredCache] = None
         if host_cache_bytes or (disk_cache_dir, disk_cache_bytes) != (None, None):
             self.tiers = TieredCache(self.kv_cache, model, host_cache_bytes=host_cache_bytes,
@@ -224,7 +255,7 @@ class LLM:
                                   compile_backend=compile_backend, swap=self.swap,
                                   tiers=self.tiers,
                                   cuda_graphs=self._want_cuda_graphs(cuda_graphs),
-                                  cascade=_cascade_rule(enable_cascade))
+                                  cascade=_cascade_rule(enable_cascade, tuned_cascade))
         self.stats = EngineStats()
         self.limits = Limits(model.vocab_size, self.max_model_len, max_num_seqs, tokenizer)
         self._requests: dict[int, Request] = {}  # unfinished, by request_id

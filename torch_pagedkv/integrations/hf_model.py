@@ -114,6 +114,7 @@ class HFPagedModel(nn.Module):
         self.hf_model = hf_model.eval()
         cfg = text_config(config)
         self.num_layers, self.num_kv_heads, self.head_size = kv_geometry(cfg)
+        self.num_heads = cfg.num_attention_heads
         self.vocab_size = cfg.vocab_size
         self.hidden_size = cfg.hidden_size
         self.max_position = getattr(cfg, "max_position_embeddings", None)

@@ -14,8 +14,10 @@ On such a CPU the packed weight is float32 (converted once) and the input is upc
 call. aten's kernel also accumulates a half-precision product in float32 and rounds once,
 so the values agree with aten's (all but ~0.1% of elements bit for bit; the rest one
 rounding step apart, from the summation order). float32 runs packed only for
-decode-sized products (up to FLOAT32_MAX_ROWS rows) and with 2+ torch threads: at
-prefill sizes aten's sgemm is as fast (see linear()). The cost is memory: a float32
+products of up to a row count that the CPU tuning table holds per weight shape
+(cpu_tuning/policy.py; measured where it runs, default 64 rows with 2+ torch threads:
+on the AVX2 machine aten's sgemm was as fast at prefill sizes, on an AVX-512 one packed
+was 2.2-2.5x faster there), and so does bf16/fp16 (default: every size). The cost is memory: a float32
 copy of every packed weight beside the model's own (2x a bf16 model's linear weights,
 1x a float32 one's).
 
@@ -36,6 +38,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..cpu_tuning import policy
 
 HALF = (torch.bfloat16, torch.float16)
 PACKABLE = (torch.float32, *HALF)
@@ -66,11 +70,6 @@ class _Packed:
     dtype: torch.dtype  # what the packed copy computes in
 
 
-# float32 products of more rows take aten's linear. Measured (benchmarks/bench_linear.py,
-# 2 threads, AVX2): packed 1.5-5.9x faster for the vocabulary projection and 1.3-1.5x
-# for the MLP at 2-64 rows, but 0.86-1.03x at 512-2048; in the engine, float32 prefill
-# was 6-10% slower packed and decode 20-25% faster.
-FLOAT32_MAX_ROWS = 64
 _packed: dict[int, _Packed] = {}  # id(weight) -> its packed copy
 stats = {"packs": 0}  # how many times a weight was packed (tests, benchmarks)
 
@@ -115,16 +114,21 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     None, all of one dtype -> [..., out_features] in that dtype. A weight it cannot
     pack (an inference tensor, whose in-place changes nothing records; another device;
     another dtype) takes F.linear. So does a float32 one for more than
-    FLOAT32_MAX_ROWS rows, or while torch runs one thread: there aten's MKL sgemm was as
-    fast or faster (see FLOAT32_MAX_ROWS; one thread: up to 18% faster on most shapes,
-    torch 2.14.1, and `pagedkv demo` runs one thread)."""
+    product whose row count the CPU tuning table sends to aten (cpu_tuning.policy:
+    per dtype and weight shape, measured on this CPU; by default float32 past 64 rows or
+    on one thread, where aten's sgemm measured as fast on the AVX2 machine)."""
     if x.shape[-1] != weight.shape[-1]:
         raise RuntimeError(f"pagedkv_cpu::linear: x has {x.shape[-1]} features, "
                            f"expected weight's in_features {weight.shape[-1]}")
     if not packable(weight) or x.device.type != "cpu" or x.numel() == 0 or (
-            weight.dtype == torch.float32 and not _float32_packed(x.numel() // x.shape[-1])):
+            not policy.linear_runs_packed(weight.dtype, weight.shape[0], weight.shape[1],
+                                          x.numel() // x.shape[-1])):
         return F.linear(x, weight, bias)
-    entry = packed_weight(weight)
+    return packed_forward(x, weight, bias, packed_weight(weight))
+
+
+def packed_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], entry: _Packed) -> Tensor:
+    """x @ weight.T + bias through weight's packed copy entry (whatever the policy)."""
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if x2.dtype != entry.dtype:
         x2 = x2.to(entry.dtype)
@@ -134,11 +138,6 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
                                              "none", [], "")
     out = out if out.dtype == x.dtype else out.to(x.dtype)
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], weight.shape[0])
-
-
-def _float32_packed(rows: int) -> bool:
-    """A float32 product of `rows` rows runs packed: decode-sized, with 2+ threads."""
-    return rows <= FLOAT32_MAX_ROWS and torch.get_num_threads() > 1
 
 
 # A plain Library impl, not torch.library.custom_op: its Python wrappers cost ~90 us a
