@@ -12,14 +12,15 @@ import sys
 
 # name -> (module, function, help). Each function takes the remaining argv.
 SUBCOMMANDS = {
-    "demo": ("torch_pagedkv.engine.demo", "main",
+    "demo": ("torch_pagedkv.programs.demo", "main",
              "case study 1: a chatbot sharing a system prompt, with and without prefix caching"),
-    "trace": ("torch_pagedkv.engine.trace", "main",
+    "trace": ("torch_pagedkv.programs.trace", "main",
               "one request through the engine, step by step, from real engine state"),
     "showcase": ("torch_pagedkv.showcase", "main",
                  "the four ops on random data, checked against the reference, with timings"),
-    "tune": ("torch_pagedkv.tuning.tune", "main",
-             "grid-search CUDA launch configs on this GPU and write the config table"),
+    "tune": ("torch_pagedkv.programs.tune", "main",
+             "grid-search CUDA launch configs on this GPU and write the config table; "
+             "--cpu: measure this CPU's tuning table (--show: print what is in force)"),
     "occupancy": ("torch_pagedkv.tuning.occupancy", "main",
                   "theoretical occupancy of each CUDA kernel config"),
 }

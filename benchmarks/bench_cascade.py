@@ -199,7 +199,7 @@ def run_demo(max_tokens: int) -> dict:
     import os
     import tempfile
 
-    from torch_pagedkv.engine import demo
+    from torch_pagedkv.programs import demo
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "demo.json")
         saved = torch.get_num_threads()

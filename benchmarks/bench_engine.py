@@ -30,7 +30,7 @@ import torch
 import torch_pagedkv as pk
 from benchmarks.results_file import write_section
 from torch_pagedkv.engine import LLM, SamplingParams
-from torch_pagedkv.engine.demo import DEMO_CONFIG, build_workload, run_in_turns
+from torch_pagedkv.programs.demo import DEMO_CONFIG, build_workload, run_in_turns
 from torch_pagedkv.engine.model_runner import CompiledStep
 from torch_pagedkv.layers import AttentionMetadata
 from torch_pagedkv.models import TinyLlama

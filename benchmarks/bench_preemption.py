@@ -1,7 +1,7 @@
 """What resuming a preempted sequence costs: swap (copy its K/V out and back) vs
 recompute (prefill its whole context again).
 
-The demo model (engine/demo.py: tiny Llama, 4 layers, hidden 512, 2 KV heads of 64,
+The demo model (programs/demo.py: tiny Llama, 4 layers, hidden 512, 2 KV heads of 64,
 float32, compiled) and the engine's own pieces: recompute is the engine prefilling a
 context of N tokens (LLM.generate of one N-token prompt, prefix caching off, chunks of
 2,048 tokens: what readmitting a recompute-preempted sequence costs), swap is the
@@ -23,7 +23,7 @@ import time
 import torch
 
 from torch_pagedkv.engine import LLM, SamplingParams
-from torch_pagedkv.engine.demo import DEMO_CONFIG
+from torch_pagedkv.programs.demo import DEMO_CONFIG
 from torch_pagedkv.engine.swap import SwapSpace
 from torch_pagedkv.models.llama import TinyLlama
 

@@ -6,7 +6,7 @@ a new 50-200-token turn). The KV cache (320 blocks of 16 tokens) holds the syste
 prompt and about a third of the conversations, so most first turns are evicted before
 their second turn. Engines without tiers, with a host tier and with a disk tier run both
 turns (stepped in turns); then fresh engines run the second turns alone, without and
-with the disk tier's directory (a cold restart). The demo model (engine/demo.py),
+with the disk tier's directory (a cold restart). The demo model (programs/demo.py),
 compiled, float32, one thread. The numbers are the second turns'.
 
     python -m benchmarks.bench_tiers [--write-results]   (= pagedkv demo --tiers)
@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from torch_pagedkv.engine import demo
+from torch_pagedkv.programs import demo
 
 from .results_file import write_section
 
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _section(res: dict, seconds: float, load: float) -> str:
-    from torch_pagedkv.engine.demo_tiers import tier_rows
+    from torch_pagedkv.programs.demo_tiers import tier_rows
     same = res.pop("outputs_identical")
     base, host, disk, cold, warm = res.values()
     io = max(r["tier_io_s"] / r["prefill_time_s"] for r in (host, disk, warm))

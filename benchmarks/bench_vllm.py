@@ -136,7 +136,7 @@ class EngineRunner:
 
     def __init__(self, dtype: str):
         import torch
-        from torch_pagedkv.engine.demo import DEMO_CONFIG
+        from torch_pagedkv.programs.demo import DEMO_CONFIG
         from torch_pagedkv.models import TinyLlama
         self.name = "torch_pagedkv engine"
         self.model = TinyLlama(DEMO_CONFIG).to(getattr(torch, dtype))

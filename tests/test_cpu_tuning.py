@@ -168,3 +168,13 @@ def test_planted_table_changes_the_engine_choice_and_no_output(tmp_path):
     assert _run(planted) == base  # fp32 tokens identical with the tuned choices
     assert planted.stats.num_cascade_steps > 0
     assert not policy.linear_runs_packed(torch.float32, 256, 64, 2)
+
+
+def test_pagedkv_tune_cpu_show_prints_what_is_in_force(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PAGEDKV_TUNING_DIR", str(tmp_path))
+    from torch_pagedkv.programs import tune
+    assert tune.main(["--cpu", "--show"]) == 0
+    out = capsys.readouterr().out
+    assert identity.probe().key in out and "[default (not measured)]" in out
+    assert "linear/float32/8192x512" in out and "cascade/float32/8x2x64/b16" in out
+    assert not list(tmp_path.iterdir())  # --show measures and writes nothing

@@ -375,7 +375,7 @@ def test_two_disk_tiers_writing_and_evicting_at_once_never_serve_a_bad_block(tmp
 
 
 def test_pagedkv_demo_tiers_prints_the_comparison(capsys, tmp_path):
-    from torch_pagedkv.engine import demo
+    from torch_pagedkv.programs import demo
 
     out_json = tmp_path / "tiers.json"
     rc = demo.main(["--tiers", "--conversations", "4", "--system-tokens", "64",

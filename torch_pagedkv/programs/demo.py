@@ -11,7 +11,7 @@ that all runs produced the same tokens.
 
 `pagedkv demo --tiers` runs the prefix cache's host and disk tiers instead: a second
 turn of every conversation with a KV cache too small to keep the first turns, then a
-cold restart with and without the disk tier (engine/demo_tiers.py).
+cold restart with and without the disk tier (programs/demo_tiers.py).
 """
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models.llama import LlamaConfig, TinyLlama
-from .llm import LLM
-from .request import RequestOutput
-from .sampling import SamplingParams
+from ..engine.llm import LLM
+from ..engine.request import RequestOutput
+from ..engine.sampling import SamplingParams
 
 # The demo model: small enough that both runs and the compile take about a minute on
 # two CPU cores, big enough that prefill cost is dominated by per-token work.

@@ -21,8 +21,8 @@ import tempfile
 from dataclasses import dataclass, field
 
 from ..cache.kv_cache import KVCache
-from .llm import LLM
-from .sampling import SamplingParams
+from ..engine.llm import LLM
+from ..engine.sampling import SamplingParams
 
 
 @dataclass

@@ -13,8 +13,8 @@ import sys
 import torch
 
 from ..models.llama import LlamaConfig, TinyLlama
-from .llm import LLM
-from .sampling import SamplingParams
+from ..engine.llm import LLM
+from ..engine.sampling import SamplingParams
 
 TRACE_CONFIG = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256,
                            num_layers=2, num_heads=4, num_kv_heads=2, head_size=32, seed=0)
