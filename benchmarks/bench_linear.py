@@ -82,9 +82,9 @@ def main(argv=None) -> int:
     for dtype, name, m, ta, tp, f in rows:
         lines.append(f"| {dtype} | {name} | {m} | {ta * 1e6:.0f} | {tp * 1e6:.0f} | "
                      f"**{ta / tp:.2f}x** | {f / ta / roof:.0%} | {f / tp / roof:.0%} |")
-    body = (f"Command: `python -m benchmarks.bench_linear --rounds {args.rounds}` (torch "
-            f"{torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
-            f"{torch.backends.cpu.get_cpu_capability()}; medians of interleaved rounds; "
+    from torch_pagedkv.cpu_tuning.identity import describe
+    body = (f"Command: `python -m benchmarks.bench_linear --rounds {args.rounds}` (machine: "
+            f"{describe()}; medians of interleaved rounds; "
             "bf16 packed = float32 packed weight, input upcast, output rounded once)\n\n"
             + "\n".join(lines))
     print(body)

