@@ -96,15 +96,13 @@ def probe(threads: int | None = None) -> CpuIdentity:
 
 
 def kernel_isa() -> str:
-    """The ISA variant the CPU attention kernels run now ("avx2", "avx512", ...), or
-    the build's when the library has no run-time choice."""
+    """The ISA variant the CPU attention kernels run now ("avx2", "avx512", ...): the
+    kernels' knob where the library chooses at run time, else the build's record."""
     from .. import knobs
-    info = getattr(knobs, "cpu_isa_info", None)
-    if info is not None:
-        return info()["active"]
-    from .._load import _read_beside  # a single-ISA library records its ISA beside it
-    import torch_pagedkv._load as load
-    return _read_beside(os.path.dirname(load.LIBRARY_PATH), "_C.isa") or "avx2"
+    if hasattr(knobs, "cpu_isa_info"):
+        return knobs.cpu_isa_info()["active"]
+    from .._load import LIBRARY_PATH, _read_beside
+    return _read_beside(os.path.dirname(LIBRARY_PATH), "_C.isa") or "avx2"
 
 
 def describe(threads: int | None = None) -> str:
