@@ -20,9 +20,8 @@ export PAGEDKV_SIMT ?= 0
 # A machine without a GPU runs the demo on the CPU kernels alone: `make run` then skips
 # compiling CUDA objects it cannot use (`make test` and CI still build and run them).
 HAVE_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
-# The CPU kernels' ISA: AVX-512 where this CPU has it (16-float vectors), else AVX2.
-PAGEDKV_CPU_ISA ?= $(shell grep -qw avx512bw /proc/cpuinfo 2>/dev/null && grep -qw avx512vl /proc/cpuinfo && grep -qw avx512_bf16 /proc/cpuinfo && echo avx512 || echo avx2)
-export PAGEDKV_CPU_ISA := $(PAGEDKV_CPU_ISA)
+# The CPU kernels: every ISA variant is in the one library (avx2, avx512, avx512_bf16 on
+# x86), chosen at run time; PAGEDKV_CPU_ISA is a run-time override, not a build setting.
 SOURCES := $(sort $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')) setup.py
 # Build cache: a built library is kept under ENV_CACHE keyed by the hash of every source,
 # the environment and the build settings, so a fresh clone of an unchanged tree starts in
@@ -30,7 +29,7 @@ SOURCES := $(sort $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h'
 PAGEDKV_BUILD_CACHE ?= 1
 space := $(subst ,, )
 SRC_HASH := $(shell cat $(SOURCES) | sha256sum | cut -c1-16)
-BUILD_KEY := $(SRC_HASH)-$(REQ_HASH)-$(PAGEDKV_CUDA)-simt$(PAGEDKV_SIMT)-$(PAGEDKV_CPU_ISA)-$(subst ;,_,$(subst $(space),_,$(TORCH_CUDA_ARCH_LIST)))
+BUILD_KEY := $(SRC_HASH)-$(REQ_HASH)-$(PAGEDKV_CUDA)-simt$(PAGEDKV_SIMT)-$(subst ;,_,$(subst $(space),_,$(TORCH_CUDA_ARCH_LIST)))
 LIB_CACHE := $(ENV_CACHE)/lib-$(BUILD_KEY)
 
 .PHONY: env build build-test run test bench clean env-vllm build-vllm test-vllm bench-vllm
@@ -50,7 +49,7 @@ env: .venv/.checkout-ready-$(REQ_HASH)
 	@echo "environment ready: .venv (the pagedkv command is .venv/bin/pagedkv)"
 
 # The stamp's name carries the build key, so changing a build setting (PAGEDKV_CUDA=0, the
-# ISA, the arch list) rebuilds or reuses the matching library, never keeps the last one.
+# arch list) rebuilds or reuses the matching library, never keeps the last one.
 STAMP := torch_pagedkv/_C-$(BUILD_KEY).stamp
 
 build: env $(STAMP)
@@ -61,7 +60,7 @@ $(STAMP): $(SOURCES) .venv/.checkout-ready-$(REQ_HASH)
 	  echo "reusing the library built from these exact sources ($(LIB_CACHE))"; \
 	  rm -f torch_pagedkv/_C*.so torch_pagedkv/_simt*.so && cp $(LIB_CACHE)/_* torch_pagedkv/; \
 	else \
-	  echo "building torch_pagedkv._C (CUDA: $(PAGEDKV_CUDA), CPU ISA: $(PAGEDKV_CPU_ISA))" && \
+	  echo "building torch_pagedkv._C (CUDA: $(PAGEDKV_CUDA); CPU kernels: every ISA variant)" && \
 	  $(PY) scripts/quiet_build.py $(PY) setup.py -q build_ext --inplace && \
 	  if [ "$(PAGEDKV_SIMT)" = 0 ]; then rm -f torch_pagedkv/_simt*.so; fi && \
 	  rm -rf $(LIB_CACHE) && mkdir -p $(LIB_CACHE) && cp torch_pagedkv/_C*.so torch_pagedkv/_C.isa torch_pagedkv/_C.torch $(LIB_CACHE)/ && \
@@ -78,8 +77,18 @@ run:
 build-test:
 	@$(MAKE) --no-print-directory build PAGEDKV_SIMT=1
 
+# The CPU kernels' tests, rerun once per extra ISA variant this CPU runs (the main run
+# covers the one "auto" picks; tests/test_cpu_isa.py covers every runnable one).
+CPU_KERNEL_TESTS := tests/test_paged_attention.py tests/test_attention_sweep.py \
+  tests/test_cache_writes.py tests/test_cascade.py tests/test_cpu_isa.py
+
 test: build-test
 	$(PY) -m pytest -q tests
+	@set -e; for v in $$($(PY) scripts/cpu_isa_variants.py --extra); do \
+	  echo "== CPU kernel tests on the $$v variant (PAGEDKV_CPU_ISA=$$v)"; \
+	  PAGEDKV_CPU_ISA=$$v $(PY) -m pytest -q $(CPU_KERNEL_TESTS); \
+	done
+	@$(PY) scripts/cpu_isa_variants.py --summary
 
 bench: build-test
 	set -e; for b in benchmarks/bench_*.py; do m=benchmarks.$$(basename $$b .py); echo "== $$m"; $(PY) -m $$m; done
@@ -98,7 +107,7 @@ VLLM_REQ := requirements-vllm.txt
 VLLM_HASH := $(shell cat $(VLLM_REQ) | sha256sum | cut -c1-16)
 VLLM_ENV := $(ENV_CACHE)/venv-vllm-$(VLLM_HASH)
 VLLM_PY := .venv-vllm/bin/python
-VLLM_BUILD_KEY := $(SRC_HASH)-$(VLLM_HASH)-$(PAGEDKV_CPU_ISA)
+VLLM_BUILD_KEY := $(SRC_HASH)-$(VLLM_HASH)
 VLLM_LIB_CACHE := $(ENV_CACHE)/lib-vllm-$(VLLM_BUILD_KEY)
 VLLM_LIB := build/vllm/lib/torch_pagedkv
 VLLM_STAMP := build/vllm/lib-$(VLLM_BUILD_KEY).stamp

@@ -15,9 +15,13 @@ struct Knob {
   const char* env;
   std::vector<std::string> values;  // a value is held as its index here; [0] is the default
   std::atomic<int> value{0};
+  std::atomic<KnobCheck> check{nullptr};
 };
 
-enum KnobId { kGenericKernels, kAttentionPath, kDebug, kDecodeSplits, kNumKnobs };
+enum KnobId {
+  kGenericKernels, kAttentionPath, kDebug, kDecodeSplits, kCpuIsa, kCpuVectorsPerHead,
+  kCpuVectorsPerItem, kCpuPrefixVectorsPerHead, kCpuSerialProducts, kNumKnobs
+};
 
 bool is_flag(const Knob& k) { return k.values == std::vector<std::string>{"0", "1"}; }
 
@@ -41,6 +45,14 @@ Knob* knobs() {
       {"attention_path", "PAGEDKV_ATTENTION_PATH", {"auto", "decode", "prefill"}},
       {"debug", "PAGEDKV_DEBUG", {"0", "1"}},
       {"decode_splits", "PAGEDKV_DECODE_SPLITS", {"auto", "1", "2", "3", "4", "8", "16"}},
+      {"cpu_isa", "PAGEDKV_CPU_ISA", {"auto", "avx2", "avx512", "avx512_bf16"}},
+      {"cpu_vectors_per_head", "PAGEDKV_CPU_VECTORS_PER_HEAD", {"32", "8", "16", "64", "128"}},
+      {"cpu_vectors_per_item", "PAGEDKV_CPU_VECTORS_PER_ITEM",
+       {"64", "16", "32", "128", "256"}},
+      {"cpu_prefix_vectors_per_head", "PAGEDKV_CPU_PREFIX_VECTORS_PER_HEAD",
+       {"256", "64", "128", "512"}},
+      {"cpu_serial_products", "PAGEDKV_CPU_SERIAL_PRODUCTS",
+       {"2048", "0", "512", "8192", "32768"}},
   };
   // A function-local static's initializer runs once, thread-safely: the environment is
   // read at the first knob access and never again.
@@ -53,6 +65,8 @@ Knob* knobs() {
 }
 
 int read(KnobId id) { return knobs()[id].value.load(std::memory_order_relaxed); }
+const std::string& value_of(KnobId id) { return knobs()[id].values[read(id)]; }
+int number(KnobId id) { return std::stoi(value_of(id)); }
 
 std::string joined(const std::vector<std::string>& names) {
   std::string s;
@@ -70,6 +84,18 @@ int decode_splits_cap() {
   return i == 0 ? 0 : std::stoi(knobs()[kDecodeSplits].values[i]);
 }
 
+std::string cpu_isa() { return value_of(kCpuIsa); }
+CpuTiling cpu_tiling() {
+  return {number(kCpuVectorsPerHead), number(kCpuVectorsPerItem),
+          number(kCpuPrefixVectorsPerHead), number(kCpuSerialProducts)};
+}
+
+void set_knob_check(const std::string& name, KnobCheck check) {
+  for (int i = 0; i < kNumKnobs; ++i) {
+    if (name == knobs()[i].name) knobs()[i].check.store(check);
+  }
+}
+
 std::string set_knob(const std::string& name, const std::string& value) {
   const char* op = "_set_knob";
   Knob* table = knobs();
@@ -84,6 +110,10 @@ std::string set_knob(const std::string& name, const std::string& value) {
   while (index < k->values.size() && k->values[index] != value) ++index;
   TORCH_CHECK(index < k->values.size(), op, ": value of ", name, " must be one of ",
               joined(k->values), ", got '", value, "'");
+  if (const KnobCheck check = k->check.load()) {
+    const std::string problem = check(value);
+    TORCH_CHECK(problem.empty(), op, ": ", problem);
+  }
   return k->values[k->value.exchange(int(index))];
 }
 

@@ -24,6 +24,25 @@ bool debug_checks_enabled();
 // 0 (auto): decode_plan decides.
 int decode_splits_cap();
 
+// PAGEDKV_CPU_ISA=auto|avx2|avx512|avx512_bf16: the ISA variant of the CPU kernels
+// (cpu/isa.h); "auto": the widest this CPU runs.
+std::string cpu_isa();
+// The CPU attention kernels' work tiling (cpu/attention.cpp plan_items); only the order
+// of float additions depends on it, never what is computed.
+struct CpuTiling {
+  int vectors_per_head;  // PAGEDKV_CPU_VECTORS_PER_HEAD: causal items, per kv head
+  int vectors_per_item;  // PAGEDKV_CPU_VECTORS_PER_ITEM: decode items across kv heads
+  int prefix_vectors_per_head;  // PAGEDKV_CPU_PREFIX_VECTORS_PER_HEAD: causal=False tiles
+  int64_t serial_products;  // PAGEDKV_CPU_SERIAL_PRODUCTS: at most this: no OpenMP region
+};
+CpuTiling cpu_tiling();
+
+// A check of a knob's values beyond the list (the CPU kernels refuse an ISA variant this
+// CPU cannot run): returns "" when `value` may be set, else why not. A library that
+// registers none (the SIMT-emulated one) takes any listed value.
+using KnobCheck = std::string (*)(const std::string& value);
+void set_knob_check(const std::string& name, KnobCheck check);
+
 // Sets knob `name` from its string form; returns the previous value in the same form.
 // Raises RuntimeError on an unknown name or value.
 std::string set_knob(const std::string& name, const std::string& value);

@@ -9,10 +9,9 @@ import platform
 
 import torch
 
-_REQUIRED_CPU_FLAGS = {
-    "avx2": ("avx2", "fma", "f16c"),
-    "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma", "f16c"),
-}
+# The baseline ISA of an x86 build (everything but the CPU kernels' wider variants, which
+# the library itself picks by what the CPU runs: the knob cpu_isa).
+_REQUIRED_CPU_FLAGS = {"avx2": ("avx2", "fma", "f16c")}
 
 
 def _cpu_flags() -> set[str]:
@@ -26,8 +25,10 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def _check_cpu(isa: str) -> None:
-    """A library built for AVX2 crashes on a CPU without it: refuse to load instead."""
+def _check_cpu(variants: str) -> None:
+    """A library whose baseline is AVX2 crashes on a CPU without it: refuse to load
+    instead. `variants`: the _C.isa record, the CPU kernels' variants, baseline first."""
+    isa = (variants.split() or ["avx2"])[0]
     need = _REQUIRED_CPU_FLAGS.get(isa)
     if not need or platform.machine() not in ("x86_64", "AMD64"):
         return
@@ -35,8 +36,8 @@ def _check_cpu(isa: str) -> None:
     missing = [f for f in need if flags and f not in flags]
     if missing:
         raise RuntimeError(
-            f"torch_pagedkv was built for {isa} but this CPU lacks {missing}; rebuild with "
-            "PAGEDKV_CPU_ISA=avx2 (or generic)")
+            f"torch_pagedkv's x86 build needs {isa} but this CPU lacks {missing}: the "
+            "library requires AVX2, FMA and F16C on x86-64")
 
 
 def _major_minor(version: str) -> str:

@@ -70,7 +70,9 @@ def _install_launch_configs() -> None:
 
 
 _KNOB_DEFAULTS = {"generic_kernels": "0", "attention_path": "auto", "debug": "0",
-                  "decode_splits": "auto"}
+                  "decode_splits": "auto", "cpu_isa": "auto", "cpu_vectors_per_head": "32",
+                  "cpu_vectors_per_item": "64", "cpu_prefix_vectors_per_head": "256",
+                  "cpu_serial_products": "2048"}
 
 
 def _sync_knobs() -> None:

@@ -5,8 +5,9 @@ Build time (read by setup.py and the Makefile):
 =========================  =================================================================
 PAGEDKV_CUDA               0, 1 or auto (default): build the CUDA kernels (auto: when torch
                            is a CUDA build and nvcc is found)
-PAGEDKV_CPU_ISA            avx2 (setup.py default), avx512, native or generic: the CPU
-                           kernels' ISA (`make` picks avx512 where the CPU has it)
+PAGEDKV_CPU_ISA            no longer a build setting: every ISA variant of the CPU kernels
+                           is compiled (avx2, avx512, avx512_bf16 on x86) and this is the
+                           run-time knob cpu_isa below
 PAGEDKV_BUILD_CACHE        1 (default) or 0: `make build` reuses a library built from the
                            same sources; 0 always compiles
 PAGEDKV_SIMT               1: also build torch_pagedkv._simt, the CUDA kernels and glue run
@@ -51,7 +52,25 @@ PAGEDKV_DEBUG              debug            on: the CUDA ops also range-check th
 PAGEDKV_DECODE_SPLITS      decode_splits    auto (default), 1, 2, 3, 4, 8 or 16: at most
                                             this many split-K decode CTAs per row and kv
                                             head, each walking several partitions
+PAGEDKV_CPU_ISA            cpu_isa          auto (default), avx2, avx512 or avx512_bf16:
+                                            the CPU kernels' ISA variant (auto: the widest
+                                            this CPU runs; cpu_isa_info() lists them).
+                                            Naming one this CPU cannot run raises
+                                            RuntimeError (the env var: at the first op)
+PAGEDKV_CPU_VECTORS_       cpu_vectors_     32 (default), 8, 16, 64 or 128: CPU attention
+PER_HEAD                   per_head         query vectors per kv head in a causal work item
+PAGEDKV_CPU_VECTORS_       cpu_vectors_     64 (default), 16, 32, 128 or 256: query vectors
+PER_ITEM                   per_item         per decode work item across kv heads
+PAGEDKV_CPU_PREFIX_        cpu_prefix_      256 (default), 64, 128 or 512: query vectors per
+VECTORS_PER_HEAD           vectors_per_     kv head in a causal=False (shared-prefix) tile
+                           head
+PAGEDKV_CPU_SERIAL_        cpu_serial_      2048 (default), 0, 512, 8192 or 32768: a CPU
+PRODUCTS                   products         attention call of at most this many query-key
+                                            products runs on the calling thread
 =========================  ===============  ================================================
+
+The cpu_* tiling knobs only split the work (csrc/cpu/attention.cpp plan_items): results
+differ at most by float rounding order.
 
 A flag variable is on when it is set, non-empty and not "0".
 
@@ -61,13 +80,16 @@ A flag variable is on when it is set, non-empty and not "0".
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 
 import torch
 
 from . import _load  # noqa: F401  (defines torch.ops.pagedkv._set_knob)
 
-KNOBS = ("generic_kernels", "attention_path", "debug", "decode_splits")
+KNOBS = ("generic_kernels", "attention_path", "debug", "decode_splits", "cpu_isa",
+         "cpu_vectors_per_head", "cpu_vectors_per_item", "cpu_prefix_vectors_per_head",
+         "cpu_serial_products")
 
 # Every library whose kernels read the knobs: the main one, and the SIMT-emulated CUDA
 # kernels once torch_pagedkv.emulation has loaded them (each keeps its own copy).
@@ -97,3 +119,10 @@ def override(**knobs: bool | str) -> Iterator[None]:
     finally:
         for name, value in reversed(previous):
             set_knob(name, value)
+
+
+def cpu_isa_info() -> dict:
+    """The CPU kernels' ISA variants: {"compiled": [...], "runnable": [...] (on this CPU),
+    "active": the one the ops run now (cpu_isa, "auto" resolved), "missing": {variant:
+    [the CPU flags this CPU lacks for it]}}."""
+    return json.loads(torch.ops.pagedkv._cpu_isa_info())

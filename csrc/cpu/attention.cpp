@@ -1,42 +1,45 @@
 // paged_attention and paged_attention_lse, CPU backend: validate everything, plan work
 // items, run the kernel.
 #include "checks.h"
-#include "cpu/attention_cpu.h"
+#include "cpu/isa.h"
 #include "cpu/ops_cpu.h"
+#include "knobs.h"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Float8_e5m2.h>
 
 #include <algorithm>
 
 namespace pagedkv::cpu {
 namespace {
 
-// Query vectors (rows x GQA heads) per kv head in a work item: enough to reuse each
-// K/V row from L1 across many dot products, small enough for L1/L2-resident scratch.
-constexpr int kVectorsPerHead = 32;
-// Query vectors per work item when several kv heads share it (decode).
-constexpr int kVectorsPerItem = 64;
-// causal=False (a shared prefix): every row sees the same keys, so one tile takes up to
-// this many vectors per kv head and reads each prefix K/V row once for all of them;
-// 256 vectors (64 decode rows of a 4-head GQA group) keep the tile's query and
-// accumulator rows (2 x 128 KB at head size 128) in a 1 MB L2.
-constexpr int kPrefixVectorsPerHead = 256;
-
-// Work of at most this many query-key products (query vectors x keys, all heads) runs on
-// the calling thread. Measured here (32/8 heads, head 128): batch 1 x context 16 (512
-// products) takes 12 us on one thread or two; at 2K products (batch 1 x context 64) two
-// threads save 3-6 us of 25; but while another process holds a core, a two-thread region
-// waits out its time slice: 8-12 ms.
-constexpr int64_t kSerialProducts = 2048;
+// The work tiling comes from the knobs (knobs.h CpuTiling, read once per call); the
+// defaults, measured on the 2-core AVX2 EPYC:
+// - vectors_per_head 32: query vectors (rows x GQA heads) per kv head in a work item:
+//   enough to reuse each K/V row from L1 across many dot products, small enough for
+//   L1/L2-resident scratch.
+// - vectors_per_item 64: query vectors per work item when several kv heads share it
+//   (decode).
+// - prefix_vectors_per_head 256: causal=False (a shared prefix): every row sees the same
+//   keys, so one tile takes up to this many vectors per kv head and reads each prefix K/V
+//   row once for all of them; 256 vectors (64 decode rows of a 4-head GQA group) keep the
+//   tile's query and accumulator rows (2 x 128 KB at head size 128) in a 1 MB L2.
+// - serial_products 2048: work of at most this many query-key products (query vectors x
+//   keys, all heads) runs on the calling thread. Measured here (32/8 heads, head 128):
+//   batch 1 x context 16 (512 products) takes 12 us on one thread or two; at 2K products
+//   (batch 1 x context 64) two threads save 3-6 us of 25; but while another process holds
+//   a core, a two-thread region waits out its time slice: 8-12 ms.
 
 // The work items, and in `products` the query-key products they cover (all heads).
-std::vector<WorkItem> plan_items(const int32_t* qsl, const int32_t* seq_lens, int64_t num_seqs,
-                                 int num_kv_heads, int group, int64_t sliding_window,
-                                 bool causal, int64_t& products) {
-  int tile_rows = std::max(1, (causal ? kVectorsPerHead : kPrefixVectorsPerHead) / group);
-  const int min_tile_rows = std::max(1, kVectorsPerHead / group);
+std::vector<WorkItem> plan_items(const CpuTiling& t, const int32_t* qsl, const int32_t* seq_lens,
+                                 int64_t num_seqs, int num_kv_heads, int group,
+                                 int64_t sliding_window, bool causal, int64_t& products) {
+  int tile_rows =
+      std::max(1, (causal ? t.vectors_per_head : t.prefix_vectors_per_head) / group);
+  const int min_tile_rows = std::max(1, t.vectors_per_head / group);
   // Widest kv-head range (and, causal=False, tallest row tile) first; narrower ones only
   // while the threads would starve.
   const int64_t want = (causal ? 4 : 2) * int64_t(at::get_num_threads());
@@ -48,7 +51,7 @@ std::vector<WorkItem> plan_items(const int32_t* qsl, const int32_t* seq_lens, in
       const int64_t base = int64_t(seq_lens[i]) - q_len;
       for (int32_t r = 0; r < q_len; r += tile_rows) {
         const int32_t r_end = std::min(q_len, r + tile_rows);
-        const int heads = std::clamp(kVectorsPerItem / ((r_end - r) * group), 1, limit);
+        const int heads = std::clamp(t.vectors_per_item / ((r_end - r) * group), 1, limit);
         const int64_t last = causal ? base + r_end - 1 : int64_t(seq_lens[i]) - 1;
         const int64_t first_key =
             sliding_window > 0 ? std::max<int64_t>(0, base + r - sliding_window + 1) : 0;
@@ -127,25 +130,59 @@ void run_attention(const AttentionDims& d, const at::Tensor& query, const at::Te
   a.head_size = int(d.cache.head_size);
   a.block_size = int(d.cache.block_size);
 
+  const Kernels& k = kernels();  // raises if the knob names a variant this CPU lacks
+  const CpuTiling tiling = cpu_tiling();
   int64_t products = 0;
   const std::vector<WorkItem> items =
-      plan_items(a.query_start_loc, a.seq_lens, d.num_seqs, a.num_kv_heads,
+      plan_items(tiling, a.query_start_loc, a.seq_lens, d.num_seqs, a.num_kv_heads,
                  a.num_heads / a.num_kv_heads, a.sliding_window, causal, products);
-  a.serial = products <= kSerialProducts || at::get_num_threads() == 1;
+  a.serial = products <= tiling.serial_products || at::get_num_threads() == 1;
   if (fp8) {
     const Fp8Kind c = key_cache.scalar_type() == at::ScalarType::Float8_e4m3fn ? Fp8Kind::kE4m3
                                                                               : Fp8Kind::kE5m2;
-    attention_fp8(a, items, query_kind(query.scalar_type()), c);
+    k.attention_fp8(a, items, query_kind(query.scalar_type()), c);
     return;
   }
   switch (query.scalar_type()) {
-    case at::kHalf: attention_half(a, items); break;
-    case at::kBFloat16: attention_bfloat16(a, items); break;
-    default: attention_float(a, items); break;
+    case at::kHalf: k.attention_half(a, items); break;
+    case at::kBFloat16: k.attention_bfloat16(a, items); break;
+    default: k.attention_float(a, items); break;
   }
 }
 
 }  // namespace
+
+const float* fp8_table(bool e4m3) {
+  static const auto tables = [] {
+    std::vector<float> t(512);
+    for (int i = 0; i < 256; ++i) {
+      t[i] = static_cast<float>(c10::Float8_e4m3fn(uint8_t(i), c10::Float8_e4m3fn::from_bits()));
+      t[256 + i] = static_cast<float>(c10::Float8_e5m2(uint8_t(i), c10::Float8_e5m2::from_bits()));
+    }
+    return t;
+  }();
+  return tables.data() + (e4m3 ? 0 : 256);
+}
+
+std::tuple<int64_t, int64_t, bool> attention_plan(const at::Tensor& seq_lens,
+                                                  const at::Tensor& query_start_loc,
+                                                  int64_t num_heads, int64_t num_kv_heads,
+                                                  int64_t sliding_window, bool causal) {
+  TORCH_CHECK(seq_lens.scalar_type() == at::kInt && query_start_loc.scalar_type() == at::kInt &&
+                  query_start_loc.numel() == seq_lens.numel() + 1 && num_kv_heads > 0 &&
+                  num_heads % num_kv_heads == 0,
+              "_cpu_attention_plan: int32 seq_lens [n] and query_start_loc [n + 1], and "
+              "num_heads a multiple of num_kv_heads");
+  const at::Tensor sl = seq_lens.contiguous(), qsl = query_start_loc.contiguous();
+  const CpuTiling tiling = cpu_tiling();
+  int64_t products = 0;
+  const std::vector<WorkItem> items =
+      plan_items(tiling, qsl.data_ptr<int32_t>(), sl.data_ptr<int32_t>(), sl.numel(),
+                 int(num_kv_heads), int(num_heads / num_kv_heads),
+                 sliding_window > 0 ? sliding_window : -1, causal, products);
+  return {int64_t(items.size()), products,
+          products <= tiling.serial_products || at::get_num_threads() == 1};
+}
 
 at::Tensor paged_attention(const at::Tensor& query_in, const at::Tensor& key_cache,
                            const at::Tensor& value_cache, const at::Tensor& block_table,

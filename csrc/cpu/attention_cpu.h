@@ -1,4 +1,5 @@
-// The CPU attention kernel's arguments, work items and per-dtype entry points.
+// The CPU attention kernel's arguments and work items (raw pointers: the ISA variants'
+// kernels, cpu/kernels/, see no at::Tensor). Their entry points: cpu/isa.h.
 #pragma once
 
 #include <cstdint>
@@ -27,16 +28,6 @@ struct AttnArgs {
   int num_heads, num_kv_heads, head_size, block_size;
 };
 
-// The same arguments with the element types of one kernel instantiation.
-template <typename q_t, typename cache_t>
-struct TypedArgs : AttnArgs {
-  explicit TypedArgs(const AttnArgs& a) : AttnArgs(a) {}
-  const q_t* q() const { return static_cast<const q_t*>(query); }
-  q_t* o() const { return static_cast<q_t*>(out); }
-  const cache_t* k_cache() const { return static_cast<const cache_t*>(key_cache); }
-  const cache_t* v_cache() const { return static_cast<const cache_t*>(value_cache); }
-};
-
 struct WorkItem {
   int32_t seq;
   int32_t kv_head_begin, kv_head_end;
@@ -45,13 +36,5 @@ struct WorkItem {
 
 enum class Fp8Kind { kE4m3, kE5m2 };  // the cache format of attention_fp8
 enum class QueryKind { kFloat, kHalf, kBFloat16 };
-
-// One entry point per translation unit (attention_*.cpp), so the template
-// instantiations compile in parallel.
-void attention_float(const AttnArgs& a, const std::vector<WorkItem>& items);
-void attention_half(const AttnArgs& a, const std::vector<WorkItem>& items);
-void attention_bfloat16(const AttnArgs& a, const std::vector<WorkItem>& items);
-void attention_fp8(const AttnArgs& a, const std::vector<WorkItem>& items, QueryKind q,
-                   Fp8Kind c);
 
 }  // namespace pagedkv::cpu

@@ -2,7 +2,7 @@
 // Every check (index ranges included) runs before the first write.
 #include "checks.h"
 #include "cpu/ops_cpu.h"
-#include "cpu/vec.h"
+#include "cpu/isa.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -19,99 +19,15 @@ void check_on_cpu(const char* op, const char* name, const at::Tensor& t) {
               t.device());
 }
 
-// One row of fp8 cache: x / scale quantized, 16 lanes at a time.
-template <typename in_t, typename fp8_t>
-inline void quantize_row(const in_t* x, fp8_t* y, int64_t row, float scale) {
-  int64_t j = 0;
-#if defined(CPU_CAPABILITY_AVX512)
-  for (; j + kVec <= row; j += kVec) quantize_fp8_x16(load_vec(x + j), scale, y + j);
-#endif
-  for (; j < row; ++j) y[j] = quantize_fp8<fp8_t>(static_cast<float>(x[j]), scale);
-}
-
-// Copies one row into a cache slot with streaming stores when it is made of whole
-// vectors at an aligned address (every row of a cache whose row is a multiple of 64
-// bytes): a random slot is never in cache, and a plain store reads each line from
-// memory before writing it, so streaming halves the traffic of the write.
-inline void store_row(char* dst, const char* src, int64_t bytes) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if (bytes % 64 == 0 && reinterpret_cast<uintptr_t>(dst) % 64 == 0) {
-    for (int64_t b = 0; b < bytes; b += 64)
-      _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + b), _mm512_loadu_si512(src + b));
-    return;
+QueryKind dtype_kind(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return QueryKind::kHalf;
+    case at::kBFloat16: return QueryKind::kBFloat16;
+    default: return QueryKind::kFloat;
   }
-#elif defined(CPU_CAPABILITY_AVX2)
-  if (bytes % 32 == 0 && reinterpret_cast<uintptr_t>(dst) % 32 == 0) {
-    for (int64_t b = 0; b < bytes; b += 32)
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + b),
-                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + b)));
-    return;
-  }
-#endif
-  std::memcpy(dst, src, bytes);
-}
-
-// The key and value rows of each token written together, in one OpenMP region per call
-// (a region per cache doubled the fixed cost, and a region waits for a descheduled thread
-// on a busy machine). Tokens are split in chunks of `grain`.
-template <typename F>
-void for_tokens(int64_t n, int64_t grain, const int64_t* slots, F&& write_token) {
-  at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i)
-      if (slots[i] >= 0) write_token(i, slots[i]);
-#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-    _mm_sfence();  // streaming stores are weakly ordered: drain them before the op returns
-#endif
-  });
-}
-
-template <typename in_t, typename fp8_t>
-void write_fp8_rows(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
-                    at::Tensor& value_cache, const int64_t* slots, float k_scale, float v_scale) {
-  const int64_t row = key.size(1) * key.size(2);
-  const int64_t ks = key.stride(0), vs = value.stride(0);
-  const in_t* k = key.data_ptr<in_t>();
-  const in_t* v = value.data_ptr<in_t>();
-  fp8_t* kc = reinterpret_cast<fp8_t*>(key_cache.data_ptr());
-  fp8_t* vc = reinterpret_cast<fp8_t*>(value_cache.data_ptr());
-  for_tokens(key.size(0), 16, slots, [&](int64_t i, int64_t slot) {
-    quantize_row(k + i * ks, kc + slot * row, row, k_scale);
-    quantize_row(v + i * vs, vc + slot * row, row, v_scale);
-  });
 }
 
 float scale_of(const std::optional<at::Tensor>& t) { return t.has_value() ? t->item<float>() : 1.f; }
-
-void write_rows(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
-                at::Tensor& value_cache, const int64_t* slots,
-                const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale) {
-  const int64_t n = key.size(0);
-  if (!is_fp8(key_cache.scalar_type())) {
-    const int64_t bytes = key.size(1) * key.size(2) * key.element_size();
-    const int64_t ks = key.stride(0) * key.element_size(), vs = value.stride(0) * value.element_size();
-    const char* k = static_cast<const char*>(key.data_ptr());
-    const char* v = static_cast<const char*>(value.data_ptr());
-    char* kc = static_cast<char*>(key_cache.data_ptr());
-    char* vc = static_cast<char*>(value_cache.data_ptr());
-    for_tokens(n, 32, slots, [&](int64_t i, int64_t slot) {
-      store_row(kc + slot * bytes, k + i * ks, bytes);
-      store_row(vc + slot * bytes, v + i * vs, bytes);
-    });
-    return;
-  }
-  const float ksc = scale_of(k_scale), vsc = scale_of(v_scale);
-  const bool e4m3 = key_cache.scalar_type() == at::ScalarType::Float8_e4m3fn;
-  auto run = [&](auto in) {  // the input dtype: float32, float16 or bfloat16 (validated)
-    using in_t = decltype(in);
-    if (e4m3) write_fp8_rows<in_t, c10::Float8_e4m3fn>(key, value, key_cache, value_cache, slots, ksc, vsc);
-    else write_fp8_rows<in_t, c10::Float8_e5m2>(key, value, key_cache, value_cache, slots, ksc, vsc);
-  };
-  switch (key.scalar_type()) {
-    case at::kHalf: run(c10::Half{}); break;
-    case at::kBFloat16: run(c10::BFloat16{}); break;
-    default: run(float{}); break;
-  }
-}
 
 // Copies (src, dst) block pairs from one contiguous cache to another.
 void copy_block_pairs(const at::Tensor& from, at::Tensor& to, const int64_t* pairs, int64_t n) {
@@ -134,8 +50,24 @@ void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tenso
                                                  k_scale, v_scale);
   check_slot_ranges(slot_mapping, d.cache.num_blocks * d.cache.block_size);
   const at::Tensor slots = slot_mapping.contiguous();
-  const int64_t* s = slots.data_ptr<int64_t>();
-  write_rows(key, value, key_cache, value_cache, s, k_scale, v_scale);
+  const at::ScalarType c = key_cache.scalar_type();
+  CacheWriteArgs a;
+  a.key = static_cast<const char*>(key.data_ptr());
+  a.value = static_cast<const char*>(value.data_ptr());
+  a.key_stride = key.stride(0) * key.element_size();
+  a.value_stride = value.stride(0) * value.element_size();
+  a.key_cache = static_cast<char*>(key_cache.data_ptr());
+  a.value_cache = static_cast<char*>(value_cache.data_ptr());
+  a.slots = slots.data_ptr<int64_t>();
+  a.num_tokens = key.size(0);
+  a.row = key.size(1) * key.size(2);
+  a.elem_size = key.element_size();
+  a.in = dtype_kind(key.scalar_type());
+  a.cache = !is_fp8(c) ? CacheKind::kSame
+            : c == at::ScalarType::Float8_e4m3fn ? CacheKind::kE4m3 : CacheKind::kE5m2;
+  a.k_scale = a.cache == CacheKind::kSame ? 1.f : scale_of(k_scale);
+  a.v_scale = a.cache == CacheKind::kSame ? 1.f : scale_of(v_scale);
+  kernels().write_cache(a);
 }
 
 void copy_blocks(at::TensorList key_caches, at::TensorList value_caches,

@@ -1,11 +1,12 @@
 // paged_attention on CPU, c10::Half query and cache (one translation unit per dtype, so the
 // dtypes compile in parallel).
-#include "cpu/attention_kernel.h"
+#include "cpu/isa.h"
+#include "cpu/kernels/attention_kernel.h"
 
-namespace pagedkv::cpu {
+namespace pagedkv::cpu::PAGEDKV_ISA_NS {
 
 void attention_half(const AttnArgs& raw, const std::vector<WorkItem>& items) {
   attention_same_dtype<c10::Half>(raw, items);
 }
 
-}  // namespace pagedkv::cpu
+}  // namespace pagedkv::cpu::PAGEDKV_ISA_NS

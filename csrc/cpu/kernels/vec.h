@@ -2,8 +2,13 @@
 // widen any cache dtype to float32 in registers (whole vectors, and a zero-filled tail
 // for head sizes that are not a multiple of the width), a horizontal sum, and an
 // fp32 -> fp8 saturating quantizer. Built on at::vec::Vectorized<float>; the ISA comes
-// from the CPU_CAPABILITY_* macro set by setup.py (PAGEDKV_CPU_ISA).
+// from the CPU_CAPABILITY_* macros that the variant's prologue (cpu/variant/*.h) sets,
+// and everything here lives in that variant's namespace (PAGEDKV_ISA_NS).
 #pragma once
+
+#ifndef PAGEDKV_ISA_NS
+#error "compile the CPU kernels through a variant prologue (cpu/variant/*.h; setup.py)"
+#endif
 
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
@@ -21,13 +26,19 @@
 #endif
 
 namespace pagedkv::cpu {
+// Lookup tables fp8 byte -> float (256 entries), built once (attention.cpp: scalar code,
+// shared by every variant).
+const float* fp8_table(bool e4m3);
+}  // namespace pagedkv::cpu
+
+namespace pagedkv::cpu::PAGEDKV_ISA_NS {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int kVec = Vec::size();
 static_assert(kVec == 8 || kVec == 16, "the CPU kernels are written for 8 or 16 float lanes");
-
-// Lookup tables fp8 byte -> float (256 entries), built once.
-const float* fp8_table(bool e4m3);
+#if defined(CPU_CAPABILITY_AVX512)
+static_assert(kVec == 16, "an AVX-512 variant must see at::vec's 16-float vectors");
+#endif
 
 // The first n (< kVec) elements widened to float, the other lanes zero.
 template <typename T>
@@ -216,4 +227,4 @@ inline void quantize_fp8_x16(const Vec& x, float scale, fp8_t* out) {
 }
 #endif
 
-}  // namespace pagedkv::cpu
+}  // namespace pagedkv::cpu::PAGEDKV_ISA_NS

@@ -14,7 +14,7 @@
 #pragma once
 
 #include "cpu/attention_cpu.h"
-#include "cpu/vec.h"
+#include "cpu/kernels/vec.h"
 
 #include <ATen/Parallel.h>
 
@@ -26,7 +26,17 @@
 #include <type_traits>
 #include <vector>
 
-namespace pagedkv::cpu {
+namespace pagedkv::cpu::PAGEDKV_ISA_NS {
+
+// The same arguments with the element types of one kernel instantiation.
+template <typename q_t, typename cache_t>
+struct TypedArgs : AttnArgs {
+  explicit TypedArgs(const AttnArgs& a) : AttnArgs(a) {}
+  const q_t* q() const { return static_cast<const q_t*>(query); }
+  q_t* o() const { return static_cast<q_t*>(out); }
+  const cache_t* k_cache() const { return static_cast<const cache_t*>(key_cache); }
+  const cache_t* v_cache() const { return static_cast<const cache_t*>(value_cache); }
+};
 
 // Loads the vector of cache row r starting at element d, zero-filled past the head size
 // (only possible when the head size is not a multiple of the vector width).
@@ -645,6 +655,6 @@ void attention_same_dtype(const AttnArgs& raw, const std::vector<WorkItem>& item
   attention_cpu<T, T>(TypedArgs<T, T>(raw), items);
 }
 
-}  // namespace pagedkv::cpu
+}  // namespace pagedkv::cpu::PAGEDKV_ISA_NS
 
-#include "cpu/attention_prefix.h"
+#include "cpu/kernels/attention_prefix.h"

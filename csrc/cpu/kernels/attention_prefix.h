@@ -18,7 +18,7 @@
 #include <utility>
 #include <vector>
 
-namespace pagedkv::cpu {
+namespace pagedkv::cpu::PAGEDKV_ISA_NS {
 
 // A tile at least this tall runs the matrix-style path; shorter ones the decode path.
 constexpr int kPrefixMinVectors = 16;
@@ -310,4 +310,4 @@ void attention_prefix_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it,
   write_rows(a, q0, NV, D, DP, acc, m, l, row_of, head_of);
 }
 
-}  // namespace pagedkv::cpu
+}  // namespace pagedkv::cpu::PAGEDKV_ISA_NS

@@ -1,8 +1,9 @@
 // paged_attention on CPU over fp8 caches (e4m3fn, e5m2) with any float query dtype.
 // Like every CPU dtype, fp8 runs the kernel that reads the head and block size at run time.
-#include "cpu/attention_kernel.h"
+#include "cpu/isa.h"
+#include "cpu/kernels/attention_kernel.h"
 
-namespace pagedkv::cpu {
+namespace pagedkv::cpu::PAGEDKV_ISA_NS {
 namespace {
 
 template <typename q_t>
@@ -16,18 +17,6 @@ void run_fp8(const AttnArgs& raw, const std::vector<WorkItem>& items, Fp8Kind c)
 
 }  // namespace
 
-const float* fp8_table(bool e4m3) {
-  static const auto tables = [] {
-    std::vector<float> t(512);
-    for (int i = 0; i < 256; ++i) {
-      t[i] = static_cast<float>(c10::Float8_e4m3fn(uint8_t(i), c10::Float8_e4m3fn::from_bits()));
-      t[256 + i] = static_cast<float>(c10::Float8_e5m2(uint8_t(i), c10::Float8_e5m2::from_bits()));
-    }
-    return t;
-  }();
-  return tables.data() + (e4m3 ? 0 : 256);
-}
-
 void attention_fp8(const AttnArgs& raw, const std::vector<WorkItem>& items, QueryKind q,
                    Fp8Kind c) {
   switch (q) {
@@ -37,4 +26,4 @@ void attention_fp8(const AttnArgs& raw, const std::vector<WorkItem>& items, Quer
   }
 }
 
-}  // namespace pagedkv::cpu
+}  // namespace pagedkv::cpu::PAGEDKV_ISA_NS
