@@ -16,9 +16,16 @@ from torch_pagedkv import knobs, reference
 from paged_inputs import ATOL, make_batch
 
 
+# A value every knob takes (its default): set_knob is the only accessor.
+DEFAULTS = {"generic_kernels": "0", "attention_path": "auto", "debug": "0",
+            "decode_splits": "auto", "cpu_isa": "auto", "cpu_vectors_per_head": "32",
+            "cpu_vectors_per_item": "64", "cpu_prefix_vectors_per_head": "256",
+            "cpu_serial_products": "2048"}
+
+
 def current(name: str) -> str:
     """A knob's value: set_knob is the only accessor, so set any value and put it back."""
-    value = knobs.set_knob(name, "auto" if name in ("attention_path", "decode_splits") else "0")
+    value = knobs.set_knob(name, DEFAULTS[name])
     knobs.set_knob(name, value)
     return value
 
@@ -43,11 +50,14 @@ def test_a_flag_takes_a_bool_or_its_string_and_reports_the_string():
 
 def test_override_sets_then_restores_nested():
     before = {name: current(name) for name in knobs.KNOBS}
-    with knobs.override(generic_kernels=True, attention_path="decode", debug=True,
-                        decode_splits="3"):
-        assert {name: current(name) for name in knobs.KNOBS} == \
-            {"generic_kernels": "1", "attention_path": "decode", "debug": "1",
-             "decode_splits": "3"}
+    changed = {"generic_kernels": "1", "attention_path": "decode", "debug": "1",
+               "decode_splits": "3", "cpu_isa": "avx2", "cpu_vectors_per_head": "16",
+               "cpu_vectors_per_item": "128", "cpu_prefix_vectors_per_head": "64",
+               "cpu_serial_products": "0"}
+    if "avx2" not in knobs.cpu_isa_info()["runnable"]:  # a non-x86 build
+        changed["cpu_isa"] = "auto"
+    with knobs.override(**changed):
+        assert {name: current(name) for name in knobs.KNOBS} == changed
         with knobs.override(attention_path="prefill"):
             assert current("attention_path") == "prefill"
         assert current("attention_path") == "decode"
@@ -68,7 +78,10 @@ def test_override_restores_after_an_error_inside_or_a_bad_value():
 
 @pytest.mark.parametrize("name,value,message", [
     ("generic", "1", "_set_knob: name must be one of generic_kernels, attention_path, debug, "
-                     "decode_splits, got 'generic'"),
+                     "decode_splits, cpu_isa, cpu_vectors_per_head, cpu_vectors_per_item, "
+                     "cpu_prefix_vectors_per_head, cpu_serial_products, got 'generic'"),
+    ("cpu_isa", "native", "_set_knob: value of cpu_isa must be one of auto, avx2, avx512, "
+                          "avx512_bf16, got 'native'"),
     ("decode_splits", "5", "_set_knob: value of decode_splits must be one of auto, 1, 2, 3, 4, "
                            "8, 16, got '5'"),
     ("generic_kernels", "yes", "_set_knob: value of generic_kernels must be one of 0, 1, "
