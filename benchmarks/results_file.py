@@ -1,4 +1,6 @@
-"""benchmarks/RESULTS.md: one '## <title>' section per benchmark, replaced in place."""
+"""benchmarks/RESULTS.md: one '## <title>' section per benchmark, replaced in place.
+
+PAGEDKV_RESULTS names another file to write (a test's, a scratch run's)."""
 from __future__ import annotations
 
 import os
@@ -9,7 +11,8 @@ HEADER = ("# Benchmark results\n\nEach section: what was measured, the numbers, 
           "that produced them.\n")
 
 
-def write_section(title: str, body: str, path: str = PATH) -> None:
+def write_section(title: str, body: str, path: str | None = None) -> None:
+    path = path or os.environ.get("PAGEDKV_RESULTS") or PATH
     text = open(path).read() if os.path.exists(path) else HEADER
     section = f"## {title}\n\n{body.strip()}\n"
     pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
