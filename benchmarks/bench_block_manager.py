@@ -25,6 +25,7 @@ import random
 import time
 from collections import deque
 
+from benchmarks import machine
 from torch_pagedkv.cache.block_hash import BlockHasher, root_hash
 from torch_pagedkv.cache.block_manager import BlockManager
 
@@ -149,7 +150,7 @@ def main() -> None:
     rng = random.Random(args.seed)
     results = {
         "python": platform.python_version(),
-        "machine": platform.machine(),
+        "machine": machine.as_dict(1),
         "seed": args.seed,
         "hashing": {
             str(bs): bench_hashing(bs, args.hash_tokens, args.repeats, rng) for bs in (16, 32)
@@ -163,6 +164,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(results, indent=2))
         return
+    print(machine.line(1))
     for bs, r in results["hashing"].items():
         print(
             f"hash, block size {bs:>2}: {r['ns_per_token']:6.1f} ns/token per block call, "

@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from benchmarks import machine
 from benchmarks.results_file import write_section
 from torch_pagedkv import ops
 from torch_pagedkv.cache import StepPlanner
@@ -218,7 +219,7 @@ def markdown(results, sweeps, demo, args, load) -> str:
         f"{args.sweep_rounds} --threads {args.threads} --demo-max-tokens "
         f"{args.demo_max_tokens} --write-results`",
         "",
-        f"Device: cpu, torch {torch.__version__}, {args.threads} threads (and 1); 1-minute load "
+        f"{machine.line(args.threads)} (and 1 thread); 1-minute load "
         f"average {load[0]:.1f} at the start, {load[1]:.1f} at the end (other developers' "
         "builds share the machine). One decode step: "
         f"{SEQS} sequences, each {OWN_MIN}-{OWN_MAX} tokens of its own after a "
@@ -288,6 +289,7 @@ def main(argv=None) -> int:
     p.add_argument("--write-results", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    print(machine.line(args.threads), flush=True)
     load0 = _load()
     # Also one thread: a neighbour's busy core stalls every parallel region of a 2-thread
     # run on a shared machine, while a 1-thread run keeps its own core.
@@ -306,7 +308,7 @@ def main(argv=None) -> int:
     demo = None if args.no_demo else run_demo(args.demo_max_tokens)
     load1 = _load()
     if args.json:
-        print(json.dumps(dict(results=results, demo=demo,
+        print(json.dumps(dict(machine=machine.as_dict(args.threads), results=results, demo=demo,
                               sweeps={k: {f"{s}x{pr}": v for (s, pr), v in t.items()}
                                       for k, t in sweeps.items()}), indent=2))
     if args.write_results:

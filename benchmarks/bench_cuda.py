@@ -140,8 +140,12 @@ def main(argv=None) -> int:
     if not pk.HAS_CUDA_KERNELS:
         print("bench_cuda: torch_pagedkv was built without CUDA kernels; nothing to measure")
         return 0
+    from benchmarks import machine
+    threads = torch.get_num_threads()
+    print(machine.line(threads), f"(host); GPU {torch.cuda.get_device_name()}", flush=True)
     r = run(args.repeats)
-    text = table(r)
+    r["machine"] = machine.as_dict(threads)
+    text = f"Host: {machine.line(threads)}\n\n" + table(r)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(r, f, indent=1)

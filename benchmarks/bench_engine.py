@@ -28,6 +28,7 @@ from types import SimpleNamespace
 import torch
 
 import torch_pagedkv as pk
+from benchmarks import machine
 from benchmarks.results_file import write_section
 from torch_pagedkv.engine import LLM, SamplingParams
 from torch_pagedkv.programs.demo import DEMO_CONFIG, build_workload, run_in_turns
@@ -246,8 +247,8 @@ def table(r: dict) -> str:
     bw = r["bandwidth"]
     load = r.get("load_average")
     lines = [
-        f"Device: {r['device']}, torch {r['torch']}, {r['threads']} threads "
-        f"(case study 1: {c1['threads']}, as `pagedkv demo`)"
+        f"{r['machine_line']}; device {r['device']} "
+        f"(case study 1: {c1['threads']} thread, as `pagedkv demo`)"
         + (f"; 1-minute load average {load[0]:.1f} at the start, {load[1]:.1f} at the end "
            "(other developers' builds share the machine)." if load else "."),
         "",
@@ -310,7 +311,11 @@ def main(argv=None) -> int:
     contexts = [8192, 16384] if args.quick else [8192, 16384, 32768]
     batch = 4 if device.type == "cpu" else 32
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "threads": torch.get_num_threads()}
+              "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "machine": machine.as_dict(torch.get_num_threads()),
+              "machine_line": machine.line(torch.get_num_threads())}
+    if not args.json:
+        print(result["machine_line"], flush=True)
     load_start = os.getloadavg()[0]
     # Case study 1 last: it runs on one thread, and the model graph it shares with case
     # study 2 should be compiled (and its kernels generated) for all threads first.

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -36,6 +35,7 @@ import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 
 import torch_pagedkv.integrations.hf as pagedkv_hf  # noqa: E402
+from benchmarks import machine  # noqa: E402
 from torch_pagedkv.engine import LLM, SamplingParams  # noqa: E402
 
 VOCAB = 4096
@@ -144,14 +144,14 @@ def main() -> None:
         "workload": {"num_prompts": args.num_prompts, "prompt_len": args.prompt_len,
                      "shared_len": args.shared_len, "new_tokens": args.new_tokens,
                      "block_size": BLOCK_SIZE, "repeats": args.repeats},
-        "machine": {"cpu": platform.processor() or platform.machine(),
-                    "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "machine": {**machine.as_dict(torch.get_num_threads()),
                     "transformers": transformers.__version__},
         "results": results,
     }
     if args.json:
         print(json.dumps(report, indent=2))
         return
+    print(machine.line(torch.get_num_threads()))
     print(f"{report['model']}; {args.num_prompts} prompts x {args.prompt_len} tokens "
           f"(shared prefix {args.shared_len}), {args.new_tokens} new tokens each")
     print(f"{'workload':<14} {'runner':<16} {'tok/s':>8} {'seconds':>8} {'hits':>6}  match")

@@ -21,6 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from benchmarks import machine
 from benchmarks.results_file import write_section
 from torch_pagedkv.layers import packed_linear as pl
 
@@ -55,6 +56,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--write-results", action="store_true")
     args = p.parse_args(argv)
+    print(machine.line(torch.get_num_threads()), flush=True)
     if not pl.available():
         print("this torch cannot pack linear weights for oneDNN")
         return 0
@@ -82,9 +84,9 @@ def main(argv=None) -> int:
     for dtype, name, m, ta, tp, f in rows:
         lines.append(f"| {dtype} | {name} | {m} | {ta * 1e6:.0f} | {tp * 1e6:.0f} | "
                      f"**{ta / tp:.2f}x** | {f / ta / roof:.0%} | {f / tp / roof:.0%} |")
-    from torch_pagedkv.cpu_tuning.identity import describe
-    body = (f"Command: `python -m benchmarks.bench_linear --rounds {args.rounds}` (machine: "
-            f"{describe()}; medians of interleaved rounds; "
+    threads = torch.get_num_threads()
+    body = (f"Command: `python -m benchmarks.bench_linear --rounds {args.rounds}` "
+            f"({machine.line(threads)}; medians of interleaved rounds; "
             "bf16 packed = float32 packed weight, input upcast, output rounded once)\n\n"
             + "\n".join(lines))
     print(body)

@@ -15,8 +15,6 @@ and ratios are of per-round medians.
 """
 from __future__ import annotations
 
-from torch_pagedkv.cpu_tuning.identity import describe
-
 import argparse
 import json
 import math
@@ -29,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import torch_pagedkv as pk
+from benchmarks import machine
 from benchmarks.results_file import write_section
 
 BATCH, CONTEXT, HEADS, KV_HEADS, HEAD, BLOCK = 16, 2048, 32, 8, 128, 16
@@ -232,7 +231,7 @@ def bench_tiny_decode(dtype, gen, calls=2000, busy_s=20.0):
 
 def table(result) -> str:
     lines = [
-        f"Machine: {describe()}\n\n"
+        f"{result['machine_line']}\n\n"
         f"Decode: batch {BATCH}, context {CONTEXT}, {HEADS}/{KV_HEADS} heads, head {HEAD}, "
         f"block {BLOCK}; {result['threads']} threads",
         "",
@@ -283,7 +282,11 @@ def main(argv=None) -> int:
         "tiny": lambda: [bench_tiny_decode(dt, gen) for dt in (torch.bfloat16, torch.float32)],
     }
     only = args.only.split(",")
-    result = {"threads": torch.get_num_threads()}
+    threads = torch.get_num_threads()
+    result = {"threads": threads, "machine": machine.as_dict(threads),
+              "machine_line": machine.line(threads)}
+    if not args.json:
+        print(result["machine_line"], flush=True)
     result.update({name: run() if name in only else [] for name, run in parts.items()})
     if args.json:
         print(json.dumps(result))

@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--write-results", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    from benchmarks import machine
+    print(machine.line(args.threads), flush=True)
     load_start = os.getloadavg()[0]
     cfg = dataclasses.replace(DEMO_CONFIG, max_position=max(CONTEXTS) + BLOCK)
     model = TinyLlama(cfg)
@@ -88,10 +90,10 @@ def main(argv: list[str] | None = None) -> int:
 
     kv = llm.kv_cache
     mode = "eager" if args.no_compile else "compiled"
-    lines = [f"Demo model (tiny Llama, {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
+    lines = [machine.line(args.threads), "", f"Demo model (tiny Llama, {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
              f"{cfg.num_kv_heads} KV heads x {cfg.head_size}, float32, {mode}), KV blocks of "
              f"{BLOCK} tokens ({kv.block_bytes // 1024} KiB per block, all layers), "
-             f"{args.threads} thread(s), device {kv.device}, swap space pinned: "
+             f"device {kv.device}, swap space pinned: "
              f"{swap.key_caches[0].is_pinned()}; median of {args.rounds} interleaved rounds; "
              f"1-minute load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} "
              "at the end (other developers' jobs share the machine).",

@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--write-results", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    from benchmarks import machine
+    print(machine.line(args.threads), flush=True)
     llm = make_engine(args.batch, args.prompt_len, args.compile)
     time_steps(llm, 3)  # warm-up (and compile)
     times = time_steps(llm, args.steps)
@@ -106,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     total = sum(med.values())
     ops = op_share(llm, max(3, args.steps // 3))
     mode = "compiled" if args.compile else "eager"
-    lines = [f"decode step, {CONFIG.num_layers} layers, batch {args.batch}, contexts "
-             f"~{args.prompt_len}+ tokens, {mode}, {args.threads} thread(s): "
+    lines = [machine.line(args.threads), "", f"decode step, {CONFIG.num_layers} layers, batch {args.batch}, contexts "
+             f"~{args.prompt_len}+ tokens, {mode}: "
              f"median per phase over {args.steps} steps",
              "", "| phase | ms | share |", "|---|---:|---:|"]
     lines += [f"| {k} | {v * 1e3:.2f} | {v / total:.0%} |" for k, v in med.items()]

@@ -19,6 +19,7 @@ import time
 
 from torch_pagedkv.programs import demo
 
+from . import machine
 from .results_file import write_section
 
 COMMAND = "python -m benchmarks.bench_tiers --write-results"
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     write = "--write-results" in argv
     if write:
         argv.remove("--write-results")
+    print(machine.line(1), flush=True)  # the demo runs on one thread
     json_path = f"/tmp/bench_tiers_{os.getpid()}.json"
     t0 = time.perf_counter()
     rc = demo.main(["--tiers", "--quiet", "--json", json_path, *argv])
@@ -47,7 +49,8 @@ def _section(res: dict, seconds: float, load: float) -> str:
     same = res.pop("outputs_identical")
     base, host, disk, cold, warm = res.values()
     io = max(r["tier_io_s"] / r["prefill_time_s"] for r in (host, disk, warm))
-    lines = [__doc__.split("\n\n")[1].replace("\n", " "), "", *tier_rows(res), "",
+    lines = [machine.line(1) + ".", "", __doc__.split("\n\n")[1].replace("\n", " "), "",
+             *tier_rows(res), "",
              f"Greedy outputs identical in all five runs: {'yes' if same else 'NO'}. "
              f"({seconds:.0f} s in all, load average {load:.1f} at the end.)", "",
              f"The host tier computes {host['prefill_tokens']:,} instead of "

@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new", type=int, default=32, help="generated tokens per prompt")
     p.add_argument("--write-results", action="store_true")
     args = p.parse_args(argv)
+    from benchmarks import machine
+    print(machine.line(1), "(N=1 also at 2 threads; each N=2 rank at 1)", flush=True)
     load_start = os.getloadavg()[0]
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(CFG.vocab_size, (args.prompt,), generator=g).tolist()
@@ -144,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     bare = bare_all_reduce_ms()
 
     base = statistics.median(r["tok_s"] for r in results["N=1, 1 thread"])
-    lines = [f"TinyLlama: hidden {CFG.hidden_size}, MLP {CFG.intermediate_size}, "
+    lines = [f"{machine.line(1)} (N=1 also at 2 threads; each N=2 rank at 1).", "",
+             f"TinyLlama: hidden {CFG.hidden_size}, MLP {CFG.intermediate_size}, "
              f"{CFG.num_heads} heads x {CFG.head_size} ({CFG.num_kv_heads} KV heads), "
              f"{CFG.num_layers} layers, vocabulary {CFG.vocab_size:,}, float32, eager; "
              f"{BATCH} prompts of {args.prompt} tokens, {args.new} greedy tokens each; "

@@ -113,4 +113,4 @@ def describe(threads: int | None = None) -> str:
     return (f"{ident.model} ({ident.cpu_id}), {ident.cores} cores, flags "
             f"{' '.join(ident.flags) or 'none of ours'}; torch {ident.torch} "
             f"(CPU capability {torch.backends.cpu.get_cpu_capability()}); kernels "
-            f"{kernel_isa()}; {ident.threads} threads")
+            f"{kernel_isa()}; {ident.threads} thread{'' if ident.threads == 1 else 's'}")
