@@ -142,11 +142,11 @@ TILING = {"cpu_vectors_per_head": ["32", "8", "16", "64", "128"],
           "cpu_serial_products": ["2048", "0", "512", "8192", "32768"]}
 
 
-def plan(seqs, num_heads, num_kv_heads, causal=True):
+def plan(seqs, num_heads, num_kv_heads, causal=True, window=-1):
     seq_lens = torch.tensor([s for _, s in seqs], dtype=torch.int32)
     qsl = torch.tensor([0] + torch.tensor([q for q, _ in seqs]).cumsum(0).tolist(),
                        dtype=torch.int32)
-    return torch.ops.pagedkv._cpu_attention_plan(seq_lens, qsl, num_heads, num_kv_heads, -1,
+    return torch.ops.pagedkv._cpu_attention_plan(seq_lens, qsl, num_heads, num_kv_heads, window,
                                                  causal)
 
 
@@ -165,16 +165,20 @@ def test_bad_tiling_values_are_refused(name):
         knobs.set_knob(name, "48")
 
 
-@pytest.mark.parametrize("name,seqs,num_heads,num_kv_heads,causal", [
-    ("cpu_vectors_per_head", [(256, 256)], 4, 1, True),  # one long causal prefill
-    ("cpu_vectors_per_item", [(1, 300)] * 16, 256, 32, True),  # a decode batch
-    ("cpu_prefix_vectors_per_head", [(512, 300)], 4, 1, False),  # one tall shared prefix
+@pytest.mark.parametrize("name,seqs,num_heads,num_kv_heads,causal,window", [
+    # one long causal prefill under a sliding window (the decode-style tiles)
+    ("cpu_vectors_per_head", [(256, 256)], 4, 1, True, 64),
+    ("cpu_vectors_per_item", [(1, 300)] * 16, 256, 32, True, -1),  # a decode batch
+    ("cpu_prefix_vectors_per_head", [(512, 300)], 4, 1, False, -1),  # one tall shared prefix
+    # one long causal prefill without a window: matrix-style tiles too
+    ("cpu_prefix_vectors_per_head", [(1024, 1024)], 4, 1, True, -1),
 ])
-def test_each_tiling_value_changes_the_plan(name, seqs, num_heads, num_kv_heads, causal):
+def test_each_tiling_value_changes_the_plan(name, seqs, num_heads, num_kv_heads, causal,
+                                            window):
     counts = {}
     for value in TILING[name]:
         with knobs.override(**{name: value}):
-            counts[value] = plan(seqs, num_heads, num_kv_heads, causal)[0]  # work items
+            counts[value] = plan(seqs, num_heads, num_kv_heads, causal, window)[0]  # items
     assert len(set(counts.values())) == len(counts), counts
 
 

@@ -136,3 +136,21 @@ def check_case(device, case, ops=pk):
 @given(case=attention_cases())
 def test_hypothesis_against_reference(device, case):
     check_case(device, case)
+
+
+# Causal prefill without a sliding window runs on the matrix-style tiles (attention_prefix.h:
+# up to 256 query vectors per kv head, 64-key chunks, the diagonal chunks masked per row).
+# Rows that start and end mid-chunk, a cached prefix (chunked prefill), blocks that do not
+# divide the chunk, GQA groups 1-8, softcap and ALiBi, every cache dtype; with a window the
+# same shapes stay on the decode-style tiles (the control).
+@pytest.mark.parametrize("group,head_size,block_size", [(4, 64, 16), (1, 40, 5), (8, 72, 32),
+                                                        (3, 128, 17)])
+@pytest.mark.parametrize("dtype,fp8", [(torch.float32, None), (torch.bfloat16, None),
+                                       (torch.float16, None), (torch.bfloat16, torch.float8_e4m3fn)])
+@pytest.mark.parametrize("window", [-1, 50])
+def test_causal_prefill_tall_tiles(group, head_size, block_size, dtype, fp8, window):
+    case = dict(seqs=[(300, 300), (129, 400), (70, 71), (1, 90)], num_heads=2 * group,
+                num_kv_heads=2, head_size=head_size, block_size=block_size, dtype=dtype,
+                fp8=fp8, window=window, softcap=5.0 if group == 4 else 0.0,
+                alibi=group == 8, seed=group * 7 + block_size)
+    check_case("cpu", case)

@@ -23,9 +23,10 @@ namespace {
 //   L1/L2-resident scratch.
 // - vectors_per_item 64: query vectors per work item when several kv heads share it
 //   (decode).
-// - prefix_vectors_per_head 256: causal=False (a shared prefix): every row sees the same
-//   keys, so one tile takes up to this many vectors per kv head and reads each prefix K/V
-//   row once for all of them; 256 vectors (64 decode rows of a 4-head GQA group) keep the
+// - prefix_vectors_per_head 256: the matrix-style tile (causal=False, a shared prefix, and
+//   causal prefill without a sliding window): its rows see the same keys (causal: up to
+//   the diagonal), so one tile takes up to this many vectors per kv head and reads each
+//   K/V row once for all of them; 256 vectors (64 decode rows of a 4-head GQA group) keep the
 //   tile's query and accumulator rows (2 x 128 KB at head size 128) in a 1 MB L2.
 // - serial_products 2048: work of at most this many query-key products (query vectors x
 //   keys, all heads) runs on the calling thread. Measured here (32/8 heads, head 128):
@@ -37,10 +38,12 @@ namespace {
 std::vector<WorkItem> plan_items(const CpuTiling& t, const int32_t* qsl, const int32_t* seq_lens,
                                  int64_t num_seqs, int num_kv_heads, int group,
                                  int64_t sliding_window, bool causal, int64_t& products) {
-  int tile_rows =
-      std::max(1, (causal ? t.vectors_per_head : t.prefix_vectors_per_head) / group);
+  // Matrix-style tiles (attention_prefix.h) where no sliding window cuts the rows' keys
+  // apart: causal=False, and causal prefill (a decode row is one row: its tile is short).
+  const bool tall = !causal || sliding_window <= 0;
+  int tile_rows = std::max(1, (tall ? t.prefix_vectors_per_head : t.vectors_per_head) / group);
   const int min_tile_rows = std::max(1, t.vectors_per_head / group);
-  // Widest kv-head range (and, causal=False, tallest row tile) first; narrower ones only
+  // Widest kv-head range (and tallest row tile) first; narrower ones only
   // while the threads would starve.
   const int64_t want = (causal ? 4 : 2) * int64_t(at::get_num_threads());
   std::vector<std::pair<int64_t, WorkItem>> costed;

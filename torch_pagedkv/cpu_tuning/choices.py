@@ -50,9 +50,11 @@ class LinearChoice:
 class AttentionChoice:
     """The CPU attention kernels' variant and work tiling (csrc/cpu/attention.cpp
     plan_items; torch_pagedkv.knobs names each): which ISA variant runs, query vectors per
-    kv head in a causal work item, query vectors per decode item across kv heads, query
-    vectors per kv head in a causal=False (shared-prefix) tile, and the query-key product
-    count up to which a call stays on the calling thread."""
+    kv head in a decode-style work item (a causal prefill under a sliding window; the
+    shortest tile a prefill is split to), query vectors per decode item across kv heads,
+    query vectors per kv head in a matrix-style tile (a shared prefix's causal=False pass,
+    and causal prefill without a sliding window), and the query-key product count up to
+    which a call stays on the calling thread."""
     isa: str = "auto"
     vectors_per_head: int = 32
     vectors_per_item: int = 64

@@ -197,6 +197,8 @@ def measure_attention(cache_dtype: torch.dtype, num_heads: int, num_kv_heads: in
     candidates: list[tuple[str, object]] = [("isa", v) for v in runnable_isas() if v != active]
     candidates += [("vectors_per_head", v) for v in (16, 64)]
     candidates += [("vectors_per_item", v) for v in (32, 128)]
+    # the matrix-style tiles: the workload's causal prefill runs on them
+    candidates += [("prefix_vectors_per_head", v) for v in (128, 512)]
     for name, value in candidates:
         if budget.left() <= 0:
             break

@@ -1,6 +1,10 @@
-// The prefix pass of cascade attention on CPU (paged_attention_lse with causal=False):
-// one work item is a tall tile, every query row of a group times the GQA heads of one kv
-// head (up to 256 vectors), and all of them see the same keys. So each block of K/V is
+// The matrix-style tile of the CPU attention: the prefix pass of cascade attention
+// (paged_attention_lse with causal=False), where every row of the tile sees the same keys,
+// and a causal prefill's tall tiles (no sliding window), where the rows see the keys up
+// to their own position: the chunks below the tile's first row are shared by all, the
+// last chunks (the diagonal) are masked per row by softmax_block. One work item is a
+// tall tile, query rows times the GQA heads of one kv head (up to 256 vectors, the knob
+// cpu_prefix_vectors_per_head). So each block of K/V is
 // read from memory once and packed once for the whole tile, a chunk of up to 64 keys
 // (several blocks) at a time, and the tile runs matrix-style instead of as a loop of
 // decodes, with one online-softmax update per chunk:
@@ -30,7 +34,7 @@ constexpr int kKeyVecs = kVec == 16 ? 4 : 2;
 
 inline bool is_prefix_tile(const AttnArgs& a, const WorkItem& it) {
   const int group = a.num_heads / a.num_kv_heads;
-  return !a.causal && it.kv_head_end - it.kv_head_begin == 1 &&
+  return (!a.causal || a.sliding_window <= 0) && it.kv_head_end - it.kv_head_begin == 1 &&
          (it.row_end - it.row_begin) * group >= kPrefixMinVectors;
 }
 
@@ -240,15 +244,17 @@ void attention_prefix_item(const TypedArgs<q_t, cache_t>& a, const WorkItem& it,
   };
   const Loader<cache_t> load;
   std::vector<const cache_t*> krows(SP), vrows(SP);
-  for (int64_t t0 = 0; t0 < seq_len; t0 += CB * BS) {
-    const int64_t t1 = std::min(t0 + CB * BS, seq_len);
+  // Keys [0, k_end): all of them (causal=False), or up to the tile's last row.
+  const int64_t k_end = a.causal ? seq_len - q_len + it.row_end : seq_len;
+  for (int64_t t0 = 0; t0 < k_end; t0 += CB * BS) {
+    const int64_t t1 = std::min(t0 + CB * BS, k_end);
     const int n = int(t1 - t0);
     for (int j = 0; j < n; ++j) {
       krows[j] = row_at(a.k_cache(), t0 + j);
       vrows[j] = row_at(a.v_cache(), t0 + j);
     }
     // The next chunk's rows: the tile's work on this chunk hides the burst.
-    for (int64_t t = t1; t < std::min(t1 + CB * BS, seq_len); ++t) {
+    for (int64_t t = t1; t < std::min(t1 + CB * BS, k_end); ++t) {
       prefetch_rows(row_at(a.k_cache(), t), stride, 1, D);
       prefetch_rows(row_at(a.v_cache(), t), stride, 1, D);
     }
