@@ -136,8 +136,8 @@ def ratio_rows(results, loads, decode: int) -> list[str]:
              "|---" * 12 + "|"]
     for dtype, per_w in results.items():
         for w, rows in per_w.items():
-            def tok_s(r, n=len(loads[w])):  # new tokens/s of a whole run (prefill + decode)
-                return n * decode / (r["prefill_s"] + n * (decode - 1) / r["decode_tok_s"])
+            def tok_s(r, n=len(loads[w])):  # new tokens/s of a whole run (its wall time)
+                return n * decode / r["wall_s"]
             per_round = [(tok_s(a), tok_s(b), tok_s(c)) for a, b, c in
                          zip(rows[ours], rows["vLLM bs32"], rows["vLLM bs128"])]
             med = [statistics.median(x[i] for x in per_round) for i in range(3)]
@@ -215,9 +215,12 @@ def main(argv=None) -> int:
                     r.close()
     body = [f"Command: `.venv-vllm/bin/python -m benchmarks.bench_vllm_engine --rounds "
             f"{args.rounds} --decode {args.decode}{' --profile' if args.profile else ''}` "
-            f"({args.decode} new tokens per request; tok/s = new tokens / (prefill + decode "
-            "time) of a run; medians over interleaved rounds; ratios are medians of per-round "
-            f"ratios; {machine.line(2)}, each engine)", "",
+            f"({args.decode} new tokens per request; tok/s = new tokens / wall time of a run; "
+            "prefill s = the run's prefill steps, decode tok/s = its decode-only steps' tokens / "
+            "their time, both measured inside each engine in the same run (bench_vllm.measure: "
+            "vLLM's worker time, ours with our host scheduling); medians over interleaved "
+            f"rounds; ratios are medians of per-round ratios; {machine.line(2)}, each engine)",
+            "",
             *ratio_rows(results, loads, args.decode), "",
             f"fp32 greedy tokens (varied, 8 new) identical to ours: {agree}"]
     if profiles:

@@ -52,13 +52,19 @@ def attention_impls(worker) -> list[str]:
 
 
 def run(path, backend, *, workloads=WORKLOADS, **overrides):
-    """Greedy tokens of each workload, in order, and the workers' attention classes."""
+    """Greedy tokens of each workload, in order, the workers' attention classes, and the
+    first worker's per-phase timing of each workload (benchmarks/vllm_phases.py, which
+    bench_vllm measures with)."""
+    from benchmarks import vllm_phases
     llm = LLM(model=path, attention_backend=backend, **{**ENGINE, **overrides})
     try:
+        llm.collective_rpc(vllm_phases.install)
         params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
-        tokens = [[list(o.outputs[0].token_ids) for o in llm.generate(w, params)]
-                  for w in workloads]
-        return tokens, llm.collective_rpc(attention_impls)
+        tokens, phases = [], []
+        for w in workloads:
+            tokens.append([list(o.outputs[0].token_ids) for o in llm.generate(w, params)])
+            phases.append(llm.collective_rpc(vllm_phases.take)[0])
+        return tokens, llm.collective_rpc(attention_impls), phases
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm
@@ -79,6 +85,23 @@ def test_greedy_tokens_equal_cpu_attn_fp32(model, checkpoints, llama_runs):
     assert ours[1] == [["PagedKVImpl"]]
     assert ref[1] == [["CPUAttentionBackendImpl"]]  # installed, we change nothing unasked
     assert ours[0] == ref[0]
+
+
+@pytest.mark.parametrize("backend", [None, "CUSTOM"])
+def test_phase_timing_counts_every_scheduled_token(backend, llama_runs):
+    """bench_vllm's per-phase numbers: the first workload (empty prefix cache) schedules
+    each prompt token once and NEW_TOKENS - 1 decode tokens per request, split between
+    prefill steps (any request with 2+ tokens) and decode-only steps; the attention calls
+    (KV write + attention) are timed inside the steps they run in."""
+    phases = llama_runs[backend][2][0]
+    lengths = [len(p["prompt_token_ids"]) for p in WORKLOADS[0]]
+    pre, dec = phases["prefill"], phases["decode"]
+    assert pre["tokens"] + dec["tokens"] == sum(lengths) + len(lengths) * (NEW_TOKENS - 1)
+    assert pre["steps"] >= -(-sum(lengths) // ENGINE["max_num_batched_tokens"])
+    # the 700-token prompt alone decodes after the others finish: decode-only steps
+    assert dec["steps"] >= 1 and dec["tokens"] >= dec["steps"]
+    for p in (pre, dec):
+        assert 0 < p["attention_s"] < p["step_s"]
 
 
 def first_token_agreement(a, b) -> float:
@@ -103,7 +126,7 @@ def test_bf16_and_fp8_kv_cache_agree_in_first_tokens(checkpoints, llama_runs):
 
 def test_tensor_parallel_2_equals_tp1(checkpoints, llama_runs, monkeypatch):
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per rank
-    tokens, impls = run(checkpoints["llama"], "CUSTOM", workloads=WORKLOADS[:2],
+    tokens, impls, _ = run(checkpoints["llama"], "CUSTOM", workloads=WORKLOADS[:2],
                         block_size=32, tensor_parallel_size=2)
     assert impls == [["PagedKVImpl"], ["PagedKVImpl"]]
     assert tokens == llama_runs["CUSTOM"][0][:2]

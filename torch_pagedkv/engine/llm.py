@@ -341,6 +341,7 @@ class LLM:
             st.prefill_time_s += now - t0
         else:
             st.decode_time_s += now - t0
+            st.num_decode_step_tokens += out.num_decode_tokens
         st.num_preemptions += len(out.preempted)
         st.num_swapped_out += len(out.swapped)
         st.num_swapped_out_blocks += len(out.swap_out)

@@ -11,6 +11,7 @@ class EngineStats:
     num_decode_tokens: int = 0
     prefill_time_s: float = 0.0  # wall time of steps that computed prefill tokens
     decode_time_s: float = 0.0  # wall time of decode-only steps
+    num_decode_step_tokens: int = 0  # tokens those decode-only steps produced
     num_preemptions: int = 0  # sequences preempted, by swap or by recompute
     num_swapped_out: int = 0  # of which swapped out (the rest are recomputed)
     num_swapped_out_blocks: int = 0  # cache blocks copied to the swap space
