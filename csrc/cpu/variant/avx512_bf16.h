@@ -5,35 +5,8 @@
 // namespace name), so no inline function is shared with the avx512 variant.
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
 #pragma GCC diagnostic ignored "-Wpsabi"  // ATen lambdas' static thunks miss the target
-// g++ does not define the ISA macros for #pragma GCC target (gcc does): define them,
-// so headers that test them (the kernels' __AVX512BF16__ paths) see the target.
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#endif
-#ifndef __F16C__
-#define __F16C__ 1
-#endif
-#ifndef __AVX512F__
-#define __AVX512F__ 1
-#endif
-#ifndef __AVX512BW__
-#define __AVX512BW__ 1
-#endif
-#ifndef __AVX512VL__
-#define __AVX512VL__ 1
-#endif
-#ifndef __AVX512DQ__
-#define __AVX512DQ__ 1
-#endif
-#ifndef __AVX512BF16__
-#define __AVX512BF16__ 1
-#endif
-#undef CPU_CAPABILITY
-#undef CPU_CAPABILITY_AVX2
-#undef CPU_CAPABILITY_AVX512
+#define PAGEDKV_VARIANT_LEVEL 3
+#include "cpu/variant/isa_macros.h"
 #define CPU_CAPABILITY AVX512_BF16
 #define CPU_CAPABILITY_AVX512
 #define PAGEDKV_ISA_NS avx512_bf16
