@@ -247,7 +247,7 @@ def table(r: dict) -> str:
     bw = r["bandwidth"]
     load = r.get("load_average")
     lines = [
-        f"{r['machine_line']}; device {r['device']} "
+        f"{machine.line(r['threads'])}; device {r['device']} "
         f"(case study 1: {c1['threads']} thread, as `pagedkv demo`)"
         + (f"; 1-minute load average {load[0]:.1f} at the start, {load[1]:.1f} at the end "
            "(other developers' builds share the machine)." if load else "."),
@@ -310,12 +310,12 @@ def main(argv=None) -> int:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     contexts = [8192, 16384] if args.quick else [8192, 16384, 32768]
     batch = 4 if device.type == "cpu" else 32
+    threads = torch.get_num_threads()
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "machine": machine.as_dict(torch.get_num_threads()),
-              "machine_line": machine.line(torch.get_num_threads())}
+              "torch": torch.__version__, "threads": threads,
+              "machine": machine.as_dict(threads)}
     if not args.json:
-        print(result["machine_line"], flush=True)
+        print(machine.line(threads), flush=True)
     load_start = os.getloadavg()[0]
     # Case study 1 last: it runs on one thread, and the model graph it shares with case
     # study 2 should be compiled (and its kernels generated) for all threads first.

@@ -231,7 +231,7 @@ def bench_tiny_decode(dtype, gen, calls=2000, busy_s=20.0):
 
 def table(result) -> str:
     lines = [
-        f"{result['machine_line']}\n\n"
+        f"{machine.line(result['threads'])}\n\n"
         f"Decode: batch {BATCH}, context {CONTEXT}, {HEADS}/{KV_HEADS} heads, head {HEAD}, "
         f"block {BLOCK}; {result['threads']} threads",
         "",
@@ -283,10 +283,9 @@ def main(argv=None) -> int:
     }
     only = args.only.split(",")
     threads = torch.get_num_threads()
-    result = {"threads": threads, "machine": machine.as_dict(threads),
-              "machine_line": machine.line(threads)}
+    result = {"threads": threads, "machine": machine.as_dict(threads)}
     if not args.json:
-        print(result["machine_line"], flush=True)
+        print(machine.line(threads), flush=True)
     result.update({name: run() if name in only else [] for name, run in parts.items()})
     if args.json:
         print(json.dumps(result))

@@ -132,24 +132,6 @@ def run_phases(runner: VllmRunner, prompts, decode: int) -> dict:
     return {"wall_s": wall, **runner.llm.collective_rpc(vllm_phases.take)[0]}
 
 
-def compare_phases(runners, loads: dict, decodes: dict, rounds: int) -> dict:
-    """{workload: {runner name: [per-round run_phases]}}: runners interleaved per round
-    (order alternating), each alone, after one warm-up run per workload."""
-    out = {w: {r.name: [] for r in runners} for w in loads}
-    for r in runners:
-        for w, prompts in loads.items():
-            with alone(r, runners):
-                run_phases(r, prompts, min(decodes[w], 3))
-    for i in range(rounds):
-        order = runners if i % 2 == 0 else runners[::-1]
-        for w, prompts in loads.items():
-            for r in order:
-                with alone(r, runners):
-                    out[w][r.name].append(run_phases(r, prompts, decodes[w]))
-        print(f"  round {i + 1}/{rounds} done", flush=True)
-    return out
-
-
 def _spread(xs) -> str:
     return f"{statistics.median(xs):.2f} [{min(xs):.2f}-{max(xs):.2f}]"
 
@@ -259,19 +241,24 @@ def alone(runner, runners):
                 pass
 
 
-def compare(runners, loads, rounds: int, decode: int) -> dict:
-    """{workload: {runner name: [per-round results]}}, runners interleaved per round,
-    each timed alone (the others' processes stopped)."""
+def compare(runners, loads, rounds: int, decode, run=None) -> dict:
+    """{workload: {runner name: [per-round results of run(runner, prompts, new tokens)]}}
+    (run: `measure` by default; `decode`: new tokens, or {workload: new tokens}), runners
+    interleaved per round (order alternating), each timed alone (the others' processes
+    stopped), after a warm-up over every workload (so each graph, cascade too, exists)."""
+    run = run or measure
+    new = decode if isinstance(decode, dict) else {w: decode for w in loads}
     out = {w: {r.name: [] for r in runners} for w in loads}
-    for r in runners:  # warm-up: every workload once, so each graph (cascade too) exists
-        for prompts in loads.values():
-            measure(r, prompts, 3)
+    for r in runners:
+        for w, prompts in loads.items():
+            with alone(r, runners):
+                run(r, prompts, min(new[w], 3))
     for i in range(rounds):
         order = runners if i % 2 == 0 else runners[::-1]
         for w, prompts in loads.items():
             for r in order:
                 with alone(r, runners):
-                    out[w][r.name].append(measure(r, prompts, decode))
+                    out[w][r.name].append(run(r, prompts, new[w]))
         print(f"  round {i + 1}/{rounds} done", flush=True)
     return out
 
@@ -333,7 +320,7 @@ def main(argv=None) -> int:
             runners = [VllmRunner(path, b, dtype, max_num_batched_tokens=MAX_BATCHED_TOKENS)
                        for b in ("CUSTOM", "CPU_ATTN")]
             try:
-                phases[dtype] = compare_phases(runners, loads, decodes, args.rounds)
+                phases[dtype] = compare(runners, loads, args.rounds, decodes, run=run_phases)
                 if not args.skip_engine and short:
                     print(f"== {dtype}: torch_pagedkv engine vs vLLM CPU_ATTN", flush=True)
                     engine_results[dtype] = compare([EngineRunner(dtype), runners[1]], short,

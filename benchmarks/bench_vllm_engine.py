@@ -138,8 +138,8 @@ def ratio_rows(results, loads, decode: int) -> list[str]:
         for w, rows in per_w.items():
             def tok_s(r, n=len(loads[w])):  # new tokens/s of a whole run (its wall time)
                 return n * decode / r["wall_s"]
-            per_round = [(tok_s(a), tok_s(b), tok_s(c)) for a, b, c in
-                         zip(rows[ours], rows["vLLM bs32"], rows["vLLM bs128"])]
+            rounds = list(zip(rows[ours], rows["vLLM bs32"], rows["vLLM bs128"]))
+            per_round = [(tok_s(a), tok_s(b), tok_s(c)) for a, b, c in rounds]
             med = [statistics.median(x[i] for x in per_round) for i in range(3)]
             r32 = statistics.median(a / b for a, b, _ in per_round)
             r128 = statistics.median(a / c for a, _, c in per_round)
@@ -148,11 +148,10 @@ def ratio_rows(results, loads, decode: int) -> list[str]:
                    for n in (ours, "vLLM bs32", "vLLM bs128")]
             # Each phase against the faster vLLM configuration in that phase and round.
             pre_best = statistics.median(min(b["prefill_s"], c["prefill_s"]) / a["prefill_s"]
-                                         for a, b, c in zip(rows[ours], rows["vLLM bs32"],
-                                                            rows["vLLM bs128"]))
+                                         for a, b, c in rounds)
             dec_best = statistics.median(
                 a["decode_tok_s"] / max(b["decode_tok_s"], c["decode_tok_s"])
-                for a, b, c in zip(rows[ours], rows["vLLM bs32"], rows["vLLM bs128"]))
+                for a, b, c in rounds)
             dec = [statistics.median(r["decode_tok_s"] for r in rows[n])
                    for n in (ours, "vLLM bs32", "vLLM bs128")]
             lines.append(f"| {dtype} | {w} | {med[0]:.0f} | {med[1]:.0f} | {med[2]:.0f} | "
