@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from torch_pagedkv.cache.tiers import TierWarning
+from torch_pagedkv.tiers import TierWarning
 from torch_pagedkv.engine import LLM, SamplingParams
 from torch_pagedkv.models import LlamaConfig, TinyLlama
 
@@ -248,7 +248,7 @@ def test_a_directory_that_takes_no_write_still_serves_reads(model, tmp_path, mon
     def refuse(*args, **kwargs):
         raise OSError(error, os.strerror(error))
 
-    monkeypatch.setattr("torch_pagedkv.engine.disk_tier.os.replace", refuse)
+    monkeypatch.setattr("torch_pagedkv.tiers.disk.os.replace", refuse)
     prompts = conversations() + conversations(seed=3)
     llm = roomy(model, disk_cache_dir=tmp_path)
     with pytest.warns(TierWarning, match="cannot write") as record:
@@ -338,8 +338,8 @@ def test_two_disk_tiers_writing_and_evicting_at_once_never_serve_a_bad_block(tmp
     miss, never a partial or another block's file."""
     import threading
 
-    from torch_pagedkv.cache.tiers import BlockKey
-    from torch_pagedkv.engine.disk_tier import DiskTier
+    from torch_pagedkv.tiers import BlockKey
+    from torch_pagedkv.tiers.disk import DiskTier
 
     payload = {i: bytes([i]) * 4096 for i in range(16)}
     keys = {i: BlockKey(bytes([i]) * 32, b"\0" * 32, (i, i), b"") for i in range(16)}
@@ -399,7 +399,7 @@ def test_a_restored_block_is_the_evicted_block_bit_for_bit(tmp_path, dtype, tier
     restored into other blocks, equal byte for byte, in every layer's keys and values."""
     from torch_pagedkv.cache import BlockManager
     from torch_pagedkv.cache.kv_cache import KVCache
-    from torch_pagedkv.engine.tiered_cache import TieredCache
+    from torch_pagedkv.tiers.tiered_cache import TieredCache
 
     kv = KVCache(2, 2, 16, BLOCK, num_blocks=4, dtype=dtype)
     caches = kv.key_caches + kv.value_caches

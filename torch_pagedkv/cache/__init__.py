@@ -4,7 +4,7 @@ from .block_hash import BlockHasher, encode_extra_keys, hash_block, root_hash
 from .block_manager import (BlockManager, BlockManagerStats, BlockTable, NoFreeBlocksError,
                             SequenceIdError)
 from .step_plan import StepPlanner
-from .tiers import BlockKey, BlockTiers, TierWarning
+from ..tiers.protocol import BlockKey, BlockTiers, TierWarning
 
 __all__ = [
     "BlockHasher",

@@ -21,7 +21,7 @@ first. ``free`` releases a sequence's blocks tail first, so its tail is evicted
 before its head (a prefix is worth more than the suffix that extends it).
 Every operation is O(1) per block it touches; nothing scans all blocks.
 
-Tiers (optional, ``tiers=``, cache/tiers.py): an evicted cached block is first offered
+Tiers (optional, ``tiers=``, tiers/protocol.py): an evicted cached block is first offered
 to them (``evicted``), a newly cached one too (``committed``), and ``allocate`` walks
 the prefix's chain through the device cache and the tiers alike: a block found only in
 a tier gets a fresh device block and a queued restore, and counts as reused (its K/V
@@ -35,7 +35,7 @@ from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 
 from .block_hash import BlockHasher, encode_extra_keys, root_hash
-from .tiers import BlockKey, BlockTiers
+from ..tiers.protocol import BlockKey, BlockTiers
 
 __all__ = [
     "BlockManager",
@@ -172,7 +172,7 @@ class BlockManager:
     hash of the sequence, like ``cache_salt``), and the constructor takes
     ``hash_seed`` (reproducible hashes; default: ``PAGEDKV_HASH_SEED``, else
     random per process) and ``tiers`` (host/disk copies of evicted blocks, found by
-    ``allocate`` after the device cache; cache/tiers.py).
+    ``allocate`` after the device cache; tiers/protocol.py).
     """
 
     def __init__(

@@ -40,7 +40,7 @@ from .scheduler import Scheduler, SchedulerOutput
 from .stats import EngineStats
 from .stream import Streamer
 from .swap import SwapSpace
-from .tiered_cache import TieredCache
+from ..tiers.tiered_cache import TieredCache
 
 DEFAULT_MEMORY_BYTES = 512 * 2**20
 DEFAULT_SWAP_BYTES = 4 * 2**30  # at most; never more than the KV cache itself
@@ -109,7 +109,7 @@ class LLM:
     device: where a model given by path or builder runs ("cpu", "cuda"; default: the
     builder's choice, and for a path with N > 1 the GPU when there is one).
     host_cache_bytes, disk_cache_dir, disk_cache_bytes: tiers below the prefix cache
-    (engine/tiered_cache.py; they need prefix caching, and N = 1). A cached block the
+    (tiers/tiered_cache.py; they need prefix caching, and N = 1). A cached block the
     KV cache evicts is copied to a host-memory LRU of host_cache_bytes (pinned on CUDA;
     0 or None: none);
     every cached block is also written to disk_cache_dir (an LRU of disk_cache_bytes,

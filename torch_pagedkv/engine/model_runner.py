@@ -40,7 +40,7 @@ from .cuda_graphs import DecodeGraphs
 from .sampling import sample
 from .scheduler import SchedulerOutput
 from .swap import SwapSpace
-from .tiered_cache import TieredCache
+from ..tiers.tiered_cache import TieredCache
 
 MIN_SIZE = 2  # dynamic shapes specialise 0 and 1: never hand the graph a size below this
 
