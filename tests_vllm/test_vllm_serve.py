@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
 
 import openai
 import pytest
@@ -44,22 +46,22 @@ def wait_healthy(proc, port: int, log) -> None:
     pytest.fail(f"vllm serve not healthy after {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
 
 
-@pytest.fixture(scope="module")
-def server(checkpoints, tmp_path_factory):
+@contextmanager
+def running_server(checkpoint: str, log: Path, *args: str):
+    """`vllm serve` on our backend at a free port, its output in ``log``: yields an
+    openai client; stopped with SIGINT (killed if it does not stop in a minute)."""
     port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "server.log"
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", checkpoints["llama"],
+    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", checkpoint,
            "--attention-backend", "CUSTOM", "--host", "127.0.0.1", "--port", str(port),
            "--served-model-name", "tiny", "--dtype", "float32", "--enforce-eager",
-           "--max-model-len", "512", "--block-size", "32"]
+           "--max-model-len", "512", "--block-size", "32", *args]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
         wait_healthy(proc, port, log)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none",
-                               timeout=60, max_retries=0)
-        yield client, log
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none",
+                            timeout=60, max_retries=0)
     finally:
         proc.send_signal(signal.SIGINT)  # vLLM's graceful shutdown (engine and workers)
         try:
@@ -68,6 +70,13 @@ def server(checkpoints, tmp_path_factory):
             os.killpg(proc.pid, signal.SIGKILL)  # the server's own process group
             proc.wait()
             pytest.fail(f"vllm serve did not stop within {STOP_TIMEOUT_S} s")
+
+
+@pytest.fixture(scope="module")
+def server(checkpoints, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    with running_server(checkpoints["llama"], log) as client:
+        yield client, log
 
 
 def test_server_runs_on_torch_pagedkv(server):

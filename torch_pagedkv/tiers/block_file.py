@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from dataclasses import dataclass
+from typing import Optional
 
 from .protocol import BlockKey
 
@@ -53,10 +55,16 @@ class _Reader:
         return struct.unpack(fmt, self.take(struct.calcsize(fmt)))
 
 
-def decode(data: bytes, identity: bytes, key: BlockKey, scales: tuple[float, ...],
-           payload_bytes: int) -> memoryview:
-    """The payload of a file that holds exactly ``key`` for ``identity`` under ``scales``
-    (``payload_bytes`` long), else BlockFileError."""
+@dataclass(frozen=True)
+class BlockFile:
+    identity: bytes
+    key: BlockKey
+    scales: tuple[float, ...]
+    payload: memoryview
+
+
+def parse(data: bytes) -> BlockFile:
+    """A whole block file's fields, else BlockFileError (bad magic, checksum, header)."""
     view = memoryview(data)
     if len(view) < len(MAGIC) + _DIGEST or bytes(view[:len(MAGIC)]) != MAGIC:
         raise BlockFileError("not a pagedkv block file (bad magic or too short)")
@@ -65,19 +73,32 @@ def decode(data: bytes, identity: bytes, key: BlockKey, scales: tuple[float, ...
         raise BlockFileError("checksum mismatch (truncated or corrupted)")
     r = _Reader(body)
     r.take(len(MAGIC))
-    if r.take(32) != identity:
-        raise BlockFileError("written for another model or cache layout")
+    identity = r.take(32)
     got_hash, got_parent = r.take(32), r.take(32)
     extra = r.take(r.unpack("<I")[0])
     (n,) = r.unpack("<I")
     tokens = r.unpack(f"<{n}q")
     (m,) = r.unpack("<I")
-    got_scales = r.unpack(f"<{m}d")
-    if BlockKey(got_hash, got_parent, tokens, extra) != key:
-        raise BlockFileError("holds another block (tokens, prefix or salt differ)")
-    if got_scales != tuple(scales):
-        raise BlockFileError("stored under other fp8 scales")
+    scales = r.unpack(f"<{m}d")
     (size,) = r.unpack("<Q")
-    if size != payload_bytes or r.pos + size != len(body):
-        raise BlockFileError(f"payload of {size} bytes, expected {payload_bytes}")
-    return body[r.pos:]
+    if r.pos + size != len(body):
+        raise BlockFileError(f"payload of {len(body) - r.pos} bytes, header says {size}")
+    return BlockFile(identity, BlockKey(got_hash, got_parent, tokens, extra), scales,
+                     body[r.pos:])
+
+
+def decode(data: bytes, identity: bytes, key: BlockKey, scales: Optional[tuple[float, ...]],
+           payload_bytes: int) -> memoryview:
+    """The payload of a file that holds exactly ``key`` for ``identity`` under ``scales``
+    (``payload_bytes`` long), else BlockFileError. ``scales`` None: a reader that cannot
+    know them (vLLM's scheduler); the worker that restores the block checks them."""
+    f = parse(data)
+    if f.identity != identity:
+        raise BlockFileError("written for another model or cache layout")
+    if f.key != key:
+        raise BlockFileError("holds another block (tokens, prefix or salt differ)")
+    if scales is not None and f.scales != tuple(scales):
+        raise BlockFileError("stored under other fp8 scales")
+    if len(f.payload) != payload_bytes:
+        raise BlockFileError(f"payload of {len(f.payload)} bytes, expected {payload_bytes}")
+    return f.payload

@@ -30,6 +30,7 @@ from typing import Optional
 from . import block_file
 from .protocol import BlockKey, TierWarning
 
+DEFAULT_DISK_BYTES = 16 * 2**30  # disk_cache_bytes when not given
 SUFFIX = ".kv"
 SEED_FILE = "hash_seed"
 SEED_BYTES = 64  # 32 bytes as hex
@@ -63,7 +64,7 @@ class DiskTier:
     def contains(self, block_hash: bytes) -> bool:
         return os.path.exists(self.path(block_hash))
 
-    def read(self, key: BlockKey, scales: tuple[float, ...]) -> Optional[memoryview]:
+    def read(self, key: BlockKey, scales: Optional[tuple[float, ...]]) -> Optional[memoryview]:
         """The payload of ``key``'s file if it is whole and exactly ``key``'s, else None
         (with a TierWarning unless the file is simply gone)."""
         path = self.path(key.hash)
@@ -87,6 +88,18 @@ class DiskTier:
         except OSError:
             pass
         return payload
+
+    def touch_chain(self, hashes: list[bytes]) -> None:
+        """Mark a chain's files (given root first) used, each older than its parent by
+        1 us, so the LRU deletes a chain's suffix before its prefix: a prefix is never
+        gone while a suffix that needs it stays."""
+        now = time.time_ns()
+        for i, h in enumerate(hashes):
+            t = now - 1000 * i
+            try:
+                os.utime(self.path(h), ns=(t, t))
+            except OSError:
+                pass  # evicted meanwhile: a miss from here on
 
     # ------------------------------------------------------------ stores
     def write(self, key: BlockKey, scales: tuple[float, ...], payload: bytes) -> bool:

@@ -83,6 +83,11 @@ class HostIndex:
         self.pinned.add(e.slot)
         return e.slot
 
+    def peek(self, key: BlockKey, scales: tuple[float, ...]) -> Optional[int]:
+        """The slot holding exactly ``key`` under ``scales``, with no side effect."""
+        e = self.entries.get(key.hash)
+        return e.slot if e is not None and e.key == key and e.scales == scales else None
+
     def put(self, key: BlockKey, scales: tuple[float, ...]) -> Optional[int]:
         """A slot for ``key`` (the caller copies its K/V there before anything reads
         it): a free one, else the least recently used unpinned entry's. An entry

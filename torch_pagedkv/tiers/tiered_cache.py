@@ -33,12 +33,11 @@ import torch
 
 from ..cache.block_hash import HASH_SEED_ENV
 from ..cache.kv_cache import KVCache
-from .disk import DiskTier
+from .disk import DEFAULT_DISK_BYTES, DiskTier
 from .host import HostTier
 from .identity import cache_identity
 from .protocol import BlockKey
 
-DEFAULT_DISK_BYTES = 16 * 2**30
 
 
 @dataclass

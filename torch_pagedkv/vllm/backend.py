@@ -114,7 +114,9 @@ class PagedKVBackend(AttentionBackend):
 
     @classmethod
     def supports_kv_connector(cls) -> bool:
-        return False  # K-then-V planes (LHBNC), not the blocks-first layout connectors move
+        # Connectors see vLLM's logical per-layer view, blocks first ([num_blocks, K/V,
+        # block_size, heads * head_size]), as torch_pagedkv.vllm.connector copies it.
+        return True
 
     @classmethod
     def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
