@@ -68,13 +68,7 @@ class TierWorker:
         if not meta.loads:
             return
         t0 = time.perf_counter()
-        host = [(x.block_id, x.slot) for x in meta.loads if x.slot is not None]
-        if host:
-            dst = self._index([b for b, _ in host])
-            src = torch.tensor([s for _, s in host], dtype=torch.long)
-            for kv, store in zip(self.layers, self.host):
-                kv.index_copy_(0, dst, store.index_select(0, src).to(kv.device))
-            self.stats["host_loaded_blocks"] += len(host)
+        self.stats["host_loaded_blocks"] += self._host_copy(meta.loads, to_host=False)
         scales = self._scales()
         with logged_tier_warnings():
             for x in meta.loads:
@@ -93,13 +87,7 @@ class TierWorker:
         if not meta.saves and not meta.chains:
             return
         t0 = time.perf_counter()
-        to_host = [(x.block_id, x.slot) for x in meta.saves if x.slot is not None]
-        if to_host:
-            src = self._index([b for b, _ in to_host])
-            dst = torch.tensor([s for _, s in to_host], dtype=torch.long)
-            for kv, store in zip(self.layers, self.host):
-                store.index_copy_(0, dst, kv.index_select(0, src).cpu())
-            self.stats["host_saved_blocks"] += len(to_host)
+        self.stats["host_saved_blocks"] += self._host_copy(meta.saves, to_host=True)
         to_disk = [x for x in meta.saves if x.disk]
         if to_disk and self.disk is not None:
             payloads = self._gather([x.block_id for x in to_disk])
@@ -121,6 +109,20 @@ class TierWorker:
         return stats
 
     # ------------------------------------------------------------ block bytes
+    def _host_copy(self, moves, to_host: bool) -> int:
+        """Copy the moves that have a host slot between their device block and the
+        slot, every layer; returns how many."""
+        pairs = [(x.block_id, x.slot) for x in moves if x.slot is not None]
+        if pairs:
+            blocks = self._index([b for b, _ in pairs])
+            slots = torch.tensor([s for _, s in pairs], dtype=torch.long)
+            for kv, store in zip(self.layers, self.host):
+                if to_host:
+                    store.index_copy_(0, slots, kv.index_select(0, blocks).cpu())
+                else:
+                    kv.index_copy_(0, blocks, store.index_select(0, slots).to(kv.device))
+        return len(pairs)
+
     def _index(self, blocks: list[int]) -> torch.Tensor:
         return torch.tensor(blocks, dtype=torch.long, device=self.layers[0].device)
 
