@@ -176,10 +176,14 @@ class TierScheduler:
                 r = self.reqs.get(req_id)
                 if r is not None:
                     r.saved = min(r.saved, i)
-                    self._verified.pop((0, r.keys[i].hash), None)
+                    for rank in range(len(self.disks)):
+                        self._verified.pop((rank, r.keys[i].hash), None)
 
     def build_meta(self, scheduler_output) -> TierMeta:
         meta, self.loads = TierMeta(loads=self.loads), []
+        # reading a file marks it used, root first: a request that loaded blocks this
+        # step gets its chain re-marked (prefix last) after the reads
+        reordered = {req_id for req_id, _ in self._issued[-1].values()}
         self._issued.append({})
         before = {r.req_id: r.num_computed_tokens for r in scheduler_output.scheduled_new_reqs}
         cached = scheduler_output.scheduled_cached_reqs
@@ -191,12 +195,14 @@ class TierScheduler:
             done = min(before[req_id] + n_scheduled, len(r.request.all_token_ids))
             n_full = done // self.block_size
             if n_full <= r.saved:
+                if self.disks and req_id in reordered:
+                    meta.chains.append([k.hash for k in r.keys[:r.saved]])
                 continue
             keys = r.chain(self.hasher, self.root, n_full)
             ids = self.kv_cache_manager.get_block_ids(req_id)[0]
             for i in range(r.saved, n_full):
                 slot = None if self.host is None else self.host.put(keys[i], ())
-                disk = bool(self.disks) and not self.disks[0].contains(keys[i].hash)
+                disk = not all(d.contains(keys[i].hash) for d in self.disks)
                 if slot is not None or disk:
                     meta.saves.append(Save(ids[i], keys[i], slot, disk))
             r.saved = n_full

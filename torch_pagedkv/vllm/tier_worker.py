@@ -89,15 +89,15 @@ class TierWorker:
         t0 = time.perf_counter()
         self.stats["host_saved_blocks"] += self._host_copy(meta.saves, to_host=True)
         to_disk = [x for x in meta.saves if x.disk]
-        if to_disk and self.disk is not None:
-            payloads = self._gather([x.block_id for x in to_disk])
+        if self.disk is not None:
+            payloads = self._gather([x.block_id for x in to_disk]) if to_disk else ()
             scales = self._scales()
             with logged_tier_warnings():
                 for x, payload in zip(to_disk, payloads):
                     self.stats["disk_written_blocks"] += self.disk.write(
                         x.key, scales, payload.numpy().tobytes())
-                for chain in meta.chains:
-                    self.disk.touch_chain(chain)
+            for chain in meta.chains:  # after this step's reads and writes touched files
+                self.disk.touch_chain(chain)
         self.stats["io_s"] += time.perf_counter() - t0
 
     def take_failed(self) -> set[int]:
