@@ -284,13 +284,19 @@ def table(results: dict, names: tuple[str, str], decode: int) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_workload_args(p: argparse.ArgumentParser) -> None:
+    """The options bench_vllm and bench_vllm_decode share: rounds, new tokens of the
+    short workloads, dtypes, workloads."""
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--decode", type=int, default=32, help="new tokens, short workloads")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--workloads", default="shared,varied,long,shared-2k")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_workload_args(p)
     p.add_argument("--long-dtypes", default=None,
                    help="dtypes of the long workloads (default: --dtypes)")
     p.add_argument("--long-scale", type=float, default=1.0,

@@ -30,7 +30,8 @@ import time
 from dataclasses import replace
 
 from benchmarks import machine
-from benchmarks.bench_vllm import BLOCK_SIZE, LONG_DECODE, long_workloads, workloads
+from benchmarks.bench_vllm import (BLOCK_SIZE, LONG_DECODE, add_workload_args,
+                                    long_workloads, workloads)
 
 HEADS, KV_HEADS, HEAD_SIZE = 8, 2, 64
 FLUSH_BYTES = 64 << 20
@@ -157,11 +158,8 @@ def timed(fn, cold: bool, flush, reps: int) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=3)
+    add_workload_args(p)
     p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--decode", type=int, default=32, help="new tokens, short workloads")
-    p.add_argument("--dtypes", default="float32,bfloat16")
-    p.add_argument("--workloads", default="shared,varied,long,shared-2k")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--write-results", action="store_true")
     args = p.parse_args(argv)

@@ -27,12 +27,8 @@ import time
 import traceback
 
 from benchmarks import machine
+# (importing bench_vllm sets vLLM's environment defaults for the benchmarks)
 from benchmarks.bench_vllm import BLOCK_SIZE, VOCAB, save_checkpoint
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
-os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 
 ANSWER = 32
 CONNECTOR = dict(kv_connector="PagedKVTierConnector",
